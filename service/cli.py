@@ -1,0 +1,56 @@
+"""The ``textgen`` command: dispatches a subcommand to the module that owns it.
+
+``textgen train``     training.cli      (fit a model, export a version)
+``textgen serve``     service.server    (the gRPC server)
+``textgen generate``  training.generate with ``--model DIR`` (local, no server),
+                      service.client with ``--target HOST:PORT`` (remote)
+``textgen bench``     benchmarks.bench  (the performance harness)
+
+Each subcommand parses its own flags; imports happen only for the one chosen
+so ``textgen generate --target`` never loads TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+USAGE = """usage: textgen {train,serve,generate,bench} [flags]
+
+  train      fit a character- or word-level LSTM and export the next version
+  serve      serve exported versions over gRPC with continuous batching
+  generate   stream text: --model DIR (local, no server) or --target HOST:PORT
+  bench      measure tokens/s and latency against baselines
+
+'textgen COMMAND --help' lists a command's flags."""
+
+COMMANDS = {
+    "train": "training.cli",
+    "serve": "service.server",
+    "bench": "benchmarks.bench",
+}
+
+
+def _module_for(command: str, rest: list[str]) -> str:
+    if command == "generate":
+        local = any(a == "--model" or a.startswith("--model=") for a in rest)
+        return "training.generate" if local else "service.client"
+    return COMMANDS[command]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command != "generate" and command not in COMMANDS:
+        print(f"textgen: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(_module_for(command, rest))
+    result: int = module.main(rest)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Export a trained model as one version of the SavedModel contract, atomically.
+
+The contract (docs/contract.md has the full text):
+
+``<base>/<version>/`` holds a SavedModel with two signatures, batch ``None``:
+
+* ``prefill(tokens int32[B,T], lengths int32[B]) -> {logits float32[B,V], state float32[B,S]}``
+  runs right-padded prompts through the fused recurrent layers and returns the
+  state after each row's last real token and the logits for the next token;
+* ``step(tokens int32[B], state float32[B,S]) -> {logits float32[B,V], state float32[B,S]}``
+  advances every row by one token;
+
+plus ``assets/tokenizer.json`` and ``assets/model.json``. A version is written
+into a hidden temporary folder beside the final one and renamed into place, so
+a server polling ``<base>`` never sees half a model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training.model import ModelConfig, pack_state, rnn_layers, unpack_state
+from training.tokenizer import Tokenizer
+
+CONTRACT_VERSION = 1
+TOKENIZER_ASSET = "tokenizer.json"
+MODEL_ASSET = "model.json"
+_VERSION_RE = re.compile(r"^[0-9]+$")
+
+
+class ServingModule(tf.Module):
+    """The ``prefill`` and ``step`` functions over a trained Keras model's layers."""
+
+    def __init__(self, model: keras.Model, config: ModelConfig) -> None:
+        super().__init__(name="textgen_lm")
+        self.model = model  # tracked: its variables are saved
+        self.config = config
+        self._embedding = model.get_layer("embedding")
+        self._rnns = rnn_layers(model, config)
+        self._dense = model.get_layer("logits")
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="tokens"),
+            tf.TensorSpec([None], tf.int32, name="lengths"),
+        ]
+    )
+    def prefill(self, tokens: tf.Tensor, lengths: tf.Tensor) -> dict[str, tf.Tensor]:
+        lengths = tf.clip_by_value(lengths, 1, tf.shape(tokens)[1])
+        mask = tf.sequence_mask(lengths, maxlen=tf.shape(tokens)[1])  # (b, t)
+        x = self._embedding(tokens)  # (b, t, e)
+        states: list[tf.Tensor] = []
+        for rnn in self._rnns:
+            # Masked steps carry the state through, so each row's final state
+            # is the one after its last real token (right padding is inert).
+            outputs = rnn(x, mask=mask, training=False)
+            x = outputs[0]  # (b, t, units)
+            states.extend(outputs[1:])
+        last = tf.gather(x, lengths - 1, axis=1, batch_dims=1)  # (b, units)
+        logits = tf.cast(self._dense(last), tf.float32)  # (b, vocab)
+        return {"logits": logits, "state": pack_state(states)}
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.int32, name="tokens"),
+            tf.TensorSpec([None, None], tf.float32, name="state"),
+        ]
+    )
+    def step(self, tokens: tf.Tensor, state: tf.Tensor) -> dict[str, tf.Tensor]:
+        x = self._embedding(tokens)  # (b, e)
+        new_states: list[tf.Tensor] = []
+        for rnn, layer_state in zip(self._rnns, unpack_state(state, self.config), strict=True):
+            dtype = rnn.compute_dtype
+            cell_state = [tf.cast(s, dtype) for s in layer_state]
+            # The cell is the single-step form of the fused layer: same weights.
+            x, next_state = rnn.cell(x, cell_state if len(cell_state) > 1 else cell_state[0], training=False)
+            new_states.extend(next_state if isinstance(next_state, (list, tuple)) else [next_state])
+        logits = tf.cast(self._dense(x), tf.float32)  # (b, vocab)
+        return {"logits": logits, "state": pack_state(new_states)}
+
+
+def list_versions(base_dir: str) -> list[int]:
+    """Numbered version folders in ``base_dir`` (hidden and temporary ones ignored)."""
+    if not os.path.isdir(base_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(base_dir) if _VERSION_RE.match(n) and int(n) > 0)
+
+
+def export_version(
+    model: keras.Model,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    base_dir: str,
+    metadata: dict[str, Any],
+    *,
+    before_rename: Callable[[str], None] | None = None,
+) -> str:
+    """Write the next version of ``base_dir`` and return its path.
+
+    ``before_rename`` is called with the temporary folder once everything is
+    written (tests use it to fail mid-export); on any error the temporary
+    folder is removed and no numbered folder appears.
+    """
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has {config.vocab_size} logits")
+    os.makedirs(base_dir, exist_ok=True)
+    tmp = os.path.join(base_dir, f".tmp-{uuid.uuid4().hex}")
+    try:
+        module = ServingModule(model, config)
+        tf.saved_model.save(
+            module,
+            tmp,
+            signatures={"prefill": module.prefill, "step": module.step},
+        )
+        assets = os.path.join(tmp, "assets")
+        os.makedirs(assets, exist_ok=True)
+        tokenizer.save(os.path.join(assets, TOKENIZER_ASSET))
+        info = {
+            "contract_version": CONTRACT_VERSION,
+            "architecture": config.to_dict(),
+            "state_size": config.state_size,
+            "level": tokenizer.level,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **metadata,
+        }
+        with open(os.path.join(assets, MODEL_ASSET), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+        _fsync_tree(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
+        return _rename_to_next_version(tmp, base_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _rename_to_next_version(tmp: str, base_dir: str) -> str:
+    # Another exporter may take a number between our listing and our rename:
+    # rename onto an existing non-empty folder fails, so try the next number.
+    for _ in range(100):
+        existing = list_versions(base_dir)
+        final = os.path.join(base_dir, str((existing[-1] if existing else 0) + 1))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if os.path.exists(final):
+                continue
+            raise
+        return final
+    raise RuntimeError(f"could not find a free version number in {base_dir}")
+
+
+def load_exported(path: str) -> tuple[Any, Tokenizer, dict[str, Any]]:
+    """Load a version folder: the SavedModel, its tokenizer and its model.json."""
+    loaded = tf.saved_model.load(path)
+    tokenizer = Tokenizer.load(os.path.join(path, "assets", TOKENIZER_ASSET))
+    with open(os.path.join(path, "assets", MODEL_ASSET), encoding="utf-8") as f:
+        info = json.load(f)
+    return loaded, tokenizer, info
+
+
+def smoke_generate(path: str, prompt: str = "The ", tokens: int = 8) -> str:
+    """Reload an export and greedily generate a few tokens through its signatures."""
+    loaded, tokenizer, _ = load_exported(path)
+    ids = tokenizer.encode(prompt) or tokenizer.start_ids
+    out = loaded.signatures["prefill"](tokens=tf.constant([ids], tf.int32), lengths=tf.constant([len(ids)], tf.int32))
+    generated: list[int] = []
+    for _ in range(tokens):
+        next_id = int(np.argmax(out["logits"].numpy()[0]))
+        generated.append(next_id)
+        out = loaded.signatures["step"](tokens=tf.constant([next_id], tf.int32), state=out["state"])
+    return tokenizer.decode(generated, previous_id=ids[-1])

@@ -1,0 +1,91 @@
+"""The language model: Embedding -> N stacked recurrent layers -> Dense logits.
+
+``build_model`` makes the Keras model that training fits (sequence in, logits
+for every position out). The same layers serve generation: ``export.py`` wraps
+them in the ``prefill``/``step`` signatures of the SavedModel contract, so
+this module names its layers (``embedding``, ``rnn_0``..``rnn_{N-1}``,
+``logits``) and exposes the state layout as ``ModelConfig.state_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network (stored in ``assets/model.json``)."""
+
+    vocab_size: int
+    embedding_dim: int = 64
+    units: int = 256
+    layers: int = 1
+    cell: str = "lstm"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        for name in ("vocab_size", "embedding_dim", "units", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def states_per_layer(self) -> int:
+        """LSTM carries (h, c); GRU and SimpleRNN carry h."""
+        return 2 if self.cell == "lstm" else 1
+
+    @property
+    def state_size(self) -> int:
+        """S in the contract: every layer's recurrent state packed into one vector."""
+        return self.states_per_layer * self.layers * self.units
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rnn_layer(config: ModelConfig, index: int) -> keras.layers.Layer:
+    kind = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}[config.cell]
+    return kind(
+        config.units,
+        return_sequences=True,
+        return_state=True,
+        dropout=config.dropout,
+        name=f"rnn_{index}",
+    )
+
+
+def build_model(config: ModelConfig) -> keras.Model:
+    """Keras model mapping tokens ``(b, t)`` int32 to logits ``(b, t, vocab)`` float32."""
+    tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(config.vocab_size, config.embedding_dim, name="embedding")(tokens)  # (b, t, e)
+    for i in range(config.layers):
+        outputs = _rnn_layer(config, i)(x)
+        x = outputs[0]  # (b, t, units); the states are for serving
+    # float32 logits even under a mixed_float16 policy: the softmax needs the range.
+    logits = keras.layers.Dense(config.vocab_size, dtype="float32", name="logits")(x)  # (b, t, vocab)
+    return keras.Model(tokens, logits, name=f"{config.cell}_lm")
+
+
+def rnn_layers(model: keras.Model, config: ModelConfig) -> list[keras.layers.Layer]:
+    return [model.get_layer(f"rnn_{i}") for i in range(config.layers)]
+
+
+def pack_state(states: list[tf.Tensor]) -> tf.Tensor:
+    """Layer states in order (h0, c0, h1, c1, ...) -> ``(b, S)`` float32."""
+    return tf.concat([tf.cast(s, tf.float32) for s in states], axis=-1)
+
+
+def unpack_state(state: tf.Tensor, config: ModelConfig) -> list[list[tf.Tensor]]:
+    """``(b, S)`` -> per layer, its list of ``(b, units)`` states."""
+    parts = tf.split(state, config.layers * config.states_per_layer, axis=-1)
+    k = config.states_per_layer
+    return [parts[i * k : (i + 1) * k] for i in range(config.layers)]
