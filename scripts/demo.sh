@@ -23,7 +23,23 @@ echo "== serving models/ on 127.0.0.1:$PORT (metrics on :$METRICS_PORT) =="
 $TEXTGEN serve --models models --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
-.venv/bin/python -m service.client --target "127.0.0.1:$PORT" --wait-ready 120 >/dev/null
+# Wait (up to two minutes) until the standard gRPC health check says SERVING.
+.venv/bin/python - "$PORT" <<'PY'
+import sys, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}"))
+deadline = time.monotonic() + 120
+while True:
+    try:
+        if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+            break
+    except grpc.RpcError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("server did not become SERVING within 120 s")
+    time.sleep(0.5)
+PY
 
 echo "== streaming a generation (textgen generate --target) =="
 $TEXTGEN generate --target "127.0.0.1:$PORT" --max-tokens 400 --temperature 0.8 --seed 1 "$PROMPT"
