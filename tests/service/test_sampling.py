@@ -1,0 +1,186 @@
+"""The in-graph sampler and the stopping criteria, without any model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from service.sampling import SAMPLER_SIGNATURE, StoppingCriteria, StopSequenceMatcher, sample, uniform_noise
+
+VOCAB = 50
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return tf.function(sample, input_signature=SAMPLER_SIGNATURE)
+
+
+def _run(sampler, logits, temperature=1.0, top_k=0, top_p=1.0, seed=1, position=0):
+    logits = np.asarray(logits, np.float32)
+    b = logits.shape[0]
+
+    def col(value, dtype):
+        return tf.constant(np.broadcast_to(np.asarray(value, dtype), (b,)).copy())
+
+    ids, logprobs = sampler(
+        tf.constant(logits),
+        col(temperature, np.float32),
+        col(top_k, np.int32),
+        col(top_p, np.float32),
+        col(seed, np.int64),
+        col(position, np.int64),
+    )
+    return ids.numpy(), logprobs.numpy()
+
+
+def _random_logits(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 2.0, size=(rows, VOCAB)).astype(np.float32)
+
+
+def test_greedy_is_argmax_and_logprob_is_the_models(sampler):
+    logits = _random_logits(16)
+    logits[:, 0] = 100.0  # padding is never chosen, however likely
+    ids, logprobs = _run(sampler, logits, temperature=0.0, seed=np.arange(16))
+    masked = logits.copy()
+    masked[:, 0] = -np.inf
+    assert (ids == masked.argmax(axis=1)).all()
+    expected = masked - np.log(np.exp(masked[:, 1:]).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(logprobs, expected[np.arange(16), ids], rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_one_equals_greedy_at_any_temperature(sampler):
+    logits = _random_logits(32, seed=3)
+    greedy, _ = _run(sampler, logits, temperature=0.0)
+    for t in (0.5, 1.0, 5.0):
+        ids, _ = _run(sampler, logits, temperature=t, top_k=1, seed=np.arange(32) * 7919)
+        assert (ids == greedy).all()
+
+
+def test_top_k_only_draws_from_the_k_best(sampler):
+    logits = np.tile(_random_logits(1, seed=5), (400, 1))
+    ids, _ = _run(sampler, logits, temperature=3.0, top_k=3, seed=np.arange(400))
+    masked = logits[0].copy()
+    masked[0] = -np.inf
+    best3 = set(np.argsort(-masked)[:3].tolist())
+    assert set(ids.tolist()) == best3  # all three show up in 400 hot draws, nothing else does
+
+
+def test_top_p_masks_the_tail(sampler):
+    # probabilities 0.5, 0.3, 0.15, 0.05 on ids 1..4
+    row = np.full(VOCAB, -np.inf, np.float32)
+    row[1:5] = np.log([0.5, 0.3, 0.15, 0.05])
+    logits = np.tile(row, (600, 1))
+    ids, _ = _run(sampler, logits, top_p=0.7, seed=np.arange(600))
+    assert set(ids.tolist()) == {1, 2}
+    ids, _ = _run(sampler, logits, top_p=0.9, seed=np.arange(600))
+    assert set(ids.tolist()) == {1, 2, 3}
+    ids, _ = _run(sampler, logits, top_p=0.0, seed=np.arange(600))
+    assert set(ids.tolist()) == {1}  # the best token is always kept
+    ids, _ = _run(sampler, logits, top_p=1.0, seed=np.arange(600))
+    assert set(ids.tolist()) == {1, 2, 3, 4}
+
+
+def test_sampling_follows_the_distribution(sampler):
+    row = np.full(VOCAB, -np.inf, np.float32)
+    row[1:3] = np.log([0.8, 0.2])
+    ids, _ = _run(sampler, np.tile(row, (2000, 1)), seed=np.arange(2000) + 11)
+    share = float((ids == 2).mean())
+    assert 0.16 < share < 0.24
+
+
+def test_per_row_parameters_are_independent(sampler):
+    logits = np.tile(_random_logits(1, seed=9), (3, 1))
+    ids, _ = _run(sampler, logits, temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], seed=[1, 2, 3])
+    assert ids[0] == ids[1]  # greedy row and top_k=1 row agree, whatever row 2 does
+
+
+def test_a_row_does_not_depend_on_its_batch(sampler):
+    rng = np.random.default_rng(1)
+    target = _random_logits(1, seed=21)
+    alone = [_run(sampler, target, seed=1234, position=p)[0][0] for p in range(20)]
+    for p in range(20):
+        others = rng.normal(0, 2, size=(8, VOCAB)).astype(np.float32)
+        where = int(rng.integers(0, 9))
+        batch = np.insert(others, where, target[0], axis=0)
+        seeds = rng.integers(0, 2**62, size=9)
+        seeds[where] = 1234
+        positions = rng.integers(0, 1000, size=9)
+        positions[where] = p
+        temps = rng.uniform(0.1, 2.0, size=9).astype(np.float32)
+        temps[where] = 1.0
+        ids, _ = _run(sampler, batch, temperature=temps, seed=seeds, position=positions)
+        assert ids[where] == alone[p]
+
+
+def test_different_seeds_and_positions_differ():
+    noise = uniform_noise(tf.constant([1, 2, 1, -5], tf.int64), tf.constant([0, 0, 1, 0], tf.int64), 1000).numpy()
+    assert noise.min() > 0.0 and noise.max() < 1.0
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not np.allclose(noise[a], noise[b])
+    assert 0.45 < noise.mean() < 0.55
+
+
+def test_unseeded_style_draws_differ(sampler):
+    logits = np.tile(_random_logits(1, seed=2), (2, 1))
+    seqs = []
+    for seed in np.random.default_rng().integers(0, 2**62, size=2):
+        seqs.append([_run(sampler, logits[:1], temperature=1.5, seed=seed, position=p)[0][0] for p in range(30)])
+    assert seqs[0] != seqs[1]
+
+
+# --------------------------------------------------------------------------- stopping
+def test_stop_matcher_holds_back_possible_starts():
+    m = StopSequenceMatcher(["\n\n", "END"])
+    assert m.feed("hello") == ("hello", False)
+    assert m.feed(" E") == (" ", False)  # "E" could start "END"
+    assert m.feed("N") == ("", False)
+    assert m.feed("x") == ("ENx", False)  # resolved: not a stop
+    assert m.feed("\n") == ("", False)
+    assert m.feed("\nmore") == ("", True)
+    assert m.feed("after") == ("", True)
+    assert m.flush() == ""
+
+
+def test_stop_matcher_across_many_chunks():
+    text = "abc STOP def"
+    for cut in range(1, len(text)):
+        m = StopSequenceMatcher(["STOP"])
+        out = []
+        stopped = False
+        for piece in (text[:cut], text[cut:]):
+            emit, stopped = m.feed(piece)
+            out.append(emit)
+            if stopped:
+                break
+        assert "".join(out) == "abc "
+        assert stopped
+
+
+def test_stop_matcher_earliest_stop_wins_and_flush_releases():
+    m = StopSequenceMatcher(["cde", "bc"])
+    assert m.feed("abcde") == ("a", True)
+    m = StopSequenceMatcher(["xyz"])
+    assert m.feed("abxy") == ("ab", False)
+    assert m.flush() == "xy"
+
+
+def test_stopping_criteria_like_tgi():
+    criteria = StoppingCriteria(5, ["/test;"])
+    assert criteria("a") == ("a", None)
+    assert criteria("/te") == ("", None)
+    assert criteria("st;") == ("", "stop")
+
+    criteria = StoppingCriteria(3, ["xyz"])
+    assert criteria("a") == ("a", None)
+    assert criteria("x") == ("", None)
+    assert criteria("y") == ("xy", "length")  # held-back text is released at the end
+
+
+def test_hundreds_of_stop_sequences():
+    stops = [f"stop{i:03d}" for i in range(500)]
+    m = StopSequenceMatcher(stops)
+    assert m.feed("go sto") == ("go ", False)
+    assert m.feed("p04") == ("", False)  # could still become stop040..stop049
+    assert m.feed("9!") == ("", True)
