@@ -1,0 +1,177 @@
+"""The server's configuration: one frozen ``ServerConfig`` built from flags and ``TEXTGEN_*`` variables.
+
+Every flag ``--some-flag`` has the environment equivalent ``TEXTGEN_SOME_FLAG``; a flag given on the
+command line wins over the environment, which wins over the default. ``parse_config(argv, environ)``
+is pure (it reads only what it is given), so tests and two in-process servers build their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "TEXTGEN_"
+
+
+class ConfigError(ValueError):
+    """A flag or environment variable has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``textgen serve`` can be told; see docs/serving.md for each field."""
+
+    models: str = "models"
+    default_model: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 8000
+    max_concurrent: int = 256
+    max_queue: int = 1024
+    max_batch_size: int = 256
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    max_prompt_bytes: int = 65536
+    max_stop_sequences: int = 16
+    max_stop_length: int = 256
+    grace_seconds: float = 25.0
+    poll_seconds: float = 30.0
+    keep_versions: int = 1
+    max_connection_age: float = 0.0
+    request_timeout: float = 600.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _problems(c: ServerConfig) -> list[str]:
+    out: list[str] = []
+
+    def need(ok: bool, name: str, value: Any, rule: str) -> None:
+        if not ok:
+            out.append(f"{_flag(name)} must be {rule}, got {value!r}")
+
+    need(bool(c.models), "models", c.models, "a model repository folder")
+    need(c.default_model is None or bool(c.default_model), "default_model", c.default_model, "a model name")
+    need(bool(c.host), "host", c.host, "a host name or address")
+    for name in ("port", "metrics_port"):
+        value = getattr(c, name)
+        need(0 <= value <= 65535, name, value, "in [0, 65535] (0 picks a free port)")
+    for name in (
+        "max_concurrent",
+        "max_batch_size",
+        "max_tokens_limit",
+        "default_max_tokens",
+        "max_prompt_bytes",
+        "max_stop_length",
+        "keep_versions",
+    ):
+        value = getattr(c, name)
+        need(value >= 1, name, value, ">= 1")
+    need(c.max_queue >= 0, "max_queue", c.max_queue, ">= 0")
+    need(c.max_stop_sequences >= 0, "max_stop_sequences", c.max_stop_sequences, ">= 0")
+    need(
+        c.default_max_tokens <= c.max_tokens_limit,
+        "default_max_tokens",
+        c.default_max_tokens,
+        f"<= --max-tokens-limit ({c.max_tokens_limit})",
+    )
+    for name in ("grace_seconds", "poll_seconds", "max_connection_age", "request_timeout"):
+        value = getattr(c, name)
+        need(math.isfinite(value) and value >= 0, name, value, "a finite number of seconds >= 0 (0 = off)")
+    need(c.log_level.upper() in _LOG_LEVELS, "log_level", c.log_level, f"one of {', '.join(_LOG_LEVELS)}")
+    return out
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+_HELP = {
+    "models": "model repository: each subfolder is a model name holding numbered versions",
+    "default_model": "model served when a request names none (default: the only model)",
+    "host": "address to listen on",
+    "port": "gRPC port (0 picks a free one; the bound port is logged)",
+    "metrics_port": "Prometheus /metrics HTTP port (0 picks a free one)",
+    "max_concurrent": "active sequences at most (all models)",
+    "max_queue": "requests accepted but waiting at most; beyond that RESOURCE_EXHAUSTED",
+    "max_batch_size": "sequences advanced in one engine step (1 = no batching)",
+    "max_tokens_limit": "largest max_tokens a request may ask for",
+    "default_max_tokens": "max_tokens used when a request leaves it 0",
+    "max_prompt_bytes": "largest prompt, in UTF-8 bytes",
+    "max_stop_sequences": "most stop sequences in one request",
+    "max_stop_length": "longest stop sequence, in characters",
+    "grace_seconds": "on SIGTERM/SIGINT, how long running streams may take to finish",
+    "poll_seconds": "how often the model repository is checked for new versions (0 = never)",
+    "keep_versions": "loaded versions kept per model (the newest N)",
+    "max_connection_age": "seconds before a client connection is asked to reconnect, for load balancing (0 = off)",
+    "request_timeout": "deadline for a request that has none, in seconds (0 = none)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(name: str) -> Callable[[str], Any]:
+    default = ServerConfig.__dataclass_fields__[name].default
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def build_parser(prog: str = "textgen serve") -> argparse.ArgumentParser:
+    """The argparse parser; every option defaults to None so that 'not given' is visible."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve exported textgen models over gRPC with continuous batching. "
+        f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (flags win).",
+    )
+    for f in fields(ServerConfig):
+        default = f.default
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=_converter(f.name),
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{_HELP[f.name]} (env {_env(f.name)}; default {default!r})",
+        )
+    return parser
+
+
+def parse_config(argv: list[str], environ: Mapping[str, str]) -> ServerConfig:
+    """Builds the config from ``argv`` (flags) over ``environ`` (``TEXTGEN_*``) over the defaults.
+
+    Raises ``SystemExit`` for unknown flags (argparse) and ``ConfigError`` for bad values.
+    """
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields(ServerConfig):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+            continue
+        raw = environ.get(_env(f.name))
+        if raw is None or raw == "":
+            continue
+        try:
+            values[f.name] = _converter(f.name)(raw)
+        except ValueError:
+            kind = _converter(f.name).__name__
+            raise ConfigError(
+                f"{_env(f.name)} must be {'a number' if kind == 'float' else 'an integer'}, got {raw!r}"
+            ) from None
+    values["log_level"] = str(values.get("log_level", ServerConfig.log_level)).upper()
+    return ServerConfig(**values)
