@@ -1,0 +1,393 @@
+"""The training run: corpus -> tokenizer -> windows -> fit (checkpoints, resume, early stopping) -> export.
+
+``train(config, placement)`` does the whole job and returns a ``TrainResult``.
+Everything a user can get wrong (corpus, windows, a checkpoint from another
+run) is checked in ``prepare`` before anything is written. Each finished epoch
+leaves a checkpoint (``epoch-NNNN.weights.h5``, model and optimizer state) and
+then ``progress.json`` naming it, both written to a temporary name and renamed,
+so a run killed at any moment resumes from its last finished epoch.
+Under a multi-worker strategy every worker trains; only the chief writes
+checkpoints, TensorBoard logs and the exported version.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from training.config import TrainConfig, UsageError
+from training.corpus import Corpus, load_corpus
+from training.distribute import Placement
+from training.export import export_version, smoke_generate
+from training.model import ModelConfig, build_model
+from training.tokenizer import Tokenizer, TokenizerError
+from training.windows import Split, count_batches, make_dataset, split_ids
+
+log = logging.getLogger("textgen.train")
+
+PROGRESS_FILE = "progress.json"
+TOKENIZER_FILE = "tokenizer.json"
+PROGRESS_FORMAT = "textgen.progress/1"
+LN2 = math.log(2.0)
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("textgen")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+# ------------------------------------------------------------------ progress
+@dataclass
+class Progress:
+    """What ``progress.json`` holds: the finished epochs and where their weights are."""
+
+    fingerprint: dict[str, Any]
+    epochs_done: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_weights: str = ""
+    best_weights: str = ""
+    best_val_loss: float | None = None
+    best_epoch: int = 0
+    wait: int = 0
+    stopped_early: bool = False
+    exported: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PROGRESS_FORMAT, **self.__dict__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Progress:
+        if data.get("format") != PROGRESS_FORMAT:
+            raise ValueError(f"progress format must be {PROGRESS_FORMAT!r}, got {data.get('format')!r}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def read_progress(checkpoint_dir: str) -> Progress | None:
+    path = os.path.join(checkpoint_dir, PROGRESS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return Progress.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"--resume: cannot read {path}: {exc}") from exc
+
+
+def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}.json")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------- prepare
+@dataclass(frozen=True)
+class Prepared:
+    """The checked inputs of a run: nothing has been written yet."""
+
+    corpus: Corpus
+    tokenizer: Tokenizer
+    split: Split
+    model_config: ModelConfig
+    resume_from: Progress | None
+    train_batches: int
+    val_batches: int
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Load and check everything; raise ``UsageError`` naming the problem. Writes nothing."""
+    corpus = load_corpus(config.corpus)
+    resume_from = read_progress(config.checkpoint_dir) if config.resume else None
+    fingerprint = {**config.fingerprint(), "corpus_sha256": corpus.sha256}
+    if resume_from is not None and resume_from.fingerprint != fingerprint:
+        changed = sorted(k for k in fingerprint if resume_from.fingerprint.get(k) != fingerprint[k])
+        raise UsageError(
+            f"--resume: the checkpoint in {config.checkpoint_dir} was made by a different run "
+            f"(differs in: {', '.join(changed)}); use another --checkpoint-dir or drop --resume"
+        )
+    tok_path = os.path.join(config.checkpoint_dir, TOKENIZER_FILE)
+    if resume_from is not None and os.path.exists(tok_path):
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        try:
+            tokenizer = Tokenizer(level=config.level, num_words=config.vocab_cap, lowercase=config.lowercase)
+        except TokenizerError as exc:
+            raise UsageError(str(exc)) from exc
+        tokenizer.fit_on_texts([corpus.text])
+    ids = np.asarray(tokenizer.encode(corpus.text), dtype=np.int32)
+    if len(ids) == 0:
+        raise UsageError(f"--corpus {', '.join(corpus.sources)}: the corpus has no tokens at --level {config.level}")
+    split = split_ids(ids, config.seq_len, config.validation_fraction)
+    model_config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        embedding_dim=config.embedding_dim,
+        units=config.units,
+        layers=config.layers,
+        cell=config.cell,
+        dropout=config.dropout,
+    )
+    train_batches = count_batches(
+        len(split.train), config.seq_len, config.stride, config.batch_size, config.max_steps_per_epoch
+    )
+    val_batches = (
+        count_batches(
+            len(split.validation), config.seq_len, config.seq_len, config.batch_size, config.max_steps_per_epoch
+        )
+        if len(split.validation)
+        else 0
+    )
+    return Prepared(corpus, tokenizer, split, model_config, resume_from, train_batches, val_batches)
+
+
+# ----------------------------------------------------------------- callbacks
+class EpochEnd(keras.callbacks.Callback):
+    """Per epoch: bits per token and perplexity into the logs, early stopping, checkpoint, progress."""
+
+    def __init__(self, config: TrainConfig, progress: Progress, is_chief: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.progress = progress
+        self.is_chief = is_chief
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        loss = float(logs["loss"])
+        logs["bits_per_token"] = loss / LN2
+        monitored = loss
+        if "val_loss" in logs:
+            monitored = float(logs["val_loss"])
+            logs["val_bits_per_token"] = monitored / LN2
+            logs["val_perplexity"] = math.exp(min(monitored, 50.0))
+        p = self.progress
+        record = {
+            "epoch": epoch + 1,
+            "seconds": round(time.monotonic() - self._started, 3),
+            "pid": os.getpid(),
+            **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float, np.floating))},
+        }
+        weights = f"epoch-{epoch + 1:04d}.weights.h5"
+        improved = p.best_val_loss is None or monitored < p.best_val_loss
+        if improved:
+            p.best_val_loss, p.best_epoch, p.best_weights, p.wait = monitored, epoch + 1, weights, 0
+        else:
+            p.wait += 1
+        p.epochs_done = epoch + 1
+        p.history.append(record)
+        p.last_weights = weights
+        if p.wait >= self.config.patience:
+            p.stopped_early = True
+            self.model.stop_training = True
+        self._checkpoint(weights)
+        val = f", val_loss {monitored:.4f}, val bits/token {monitored / LN2:.4f}" if "val_loss" in logs else ""
+        log.info(
+            "epoch %d/%d: loss %.4f%s (%.1f s)%s",
+            epoch + 1,
+            self.config.epochs,
+            loss,
+            val,
+            record["seconds"],
+            ", early stop" if p.stopped_early else "",
+        )
+
+    def _checkpoint(self, weights: str) -> None:
+        # Every worker saves (reading distributed variables may take part in
+        # collectives); only the chief keeps its file.
+        target_dir = self.config.checkpoint_dir if self.is_chief else tempfile.mkdtemp(prefix="textgen-ckpt-")
+        tmp = os.path.join(target_dir, f".tmp-{uuid.uuid4().hex}.weights.h5")
+        self.model.save_weights(tmp)
+        if not self.is_chief:
+            shutil.rmtree(target_dir, ignore_errors=True)
+            return
+        os.replace(tmp, os.path.join(target_dir, weights))
+        _write_json_atomic(os.path.join(target_dir, PROGRESS_FILE), self.progress.to_dict())
+        keep = {self.progress.last_weights, self.progress.best_weights}
+        for path in glob.glob(os.path.join(target_dir, "epoch-*.weights.h5")):
+            if os.path.basename(path) not in keep:
+                os.remove(path)
+
+
+# --------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class TrainResult:
+    export_path: str  # "" on a worker that is not the chief
+    metrics: dict[str, Any]
+    sample: str
+
+
+def _clean_checkpoints(checkpoint_dir: str) -> None:
+    for pattern in ("epoch-*.weights.h5", ".tmp-*", PROGRESS_FILE, TOKENIZER_FILE):
+        for path in glob.glob(os.path.join(checkpoint_dir, pattern)):
+            os.remove(path)
+
+
+def train(config: TrainConfig, placement: Placement, prepared: Prepared | None = None) -> TrainResult:
+    """Fit, checkpoint every epoch, export the next version (chief only) and sample from it."""
+    prep = prepared or prepare(config)
+    chief = placement.is_chief
+    log.info(
+        "corpus %s: %d chars, sha256 %s; %s vocabulary %d; %d training / %d validation tokens; %d batches per epoch",
+        ", ".join(prep.corpus.sources),
+        prep.corpus.chars,
+        prep.corpus.sha256[:12],
+        config.level,
+        prep.tokenizer.vocab_size,
+        len(prep.split.train),
+        len(prep.split.validation),
+        prep.train_batches,
+    )
+    fingerprint = {**config.fingerprint(), "corpus_sha256": prep.corpus.sha256}
+    progress = prep.resume_from or Progress(fingerprint=fingerprint)
+    if chief:
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+        if prep.resume_from is None:
+            _clean_checkpoints(config.checkpoint_dir)
+            prep.tokenizer.save(os.path.join(config.checkpoint_dir, TOKENIZER_FILE))
+    if progress.exported:
+        log.info("the checkpoint's run already finished and was exported as %s; nothing to do", progress.exported)
+        return TrainResult(progress.exported, _final_metrics(progress), "")
+
+    keras.utils.set_random_seed(config.seed)
+    with placement.strategy.scope():
+        model = build_model(prep.model_config)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=5.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        if progress.last_weights:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(os.path.join(config.checkpoint_dir, progress.last_weights))
+            log.info(
+                "resuming after epoch %d of %d from %s", progress.epochs_done, config.epochs, progress.last_weights
+            )
+
+    train_ds = make_dataset(
+        prep.split.train,
+        config.seq_len,
+        config.stride,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        max_batches=config.max_steps_per_epoch,
+    )
+    val_ds = None
+    if len(prep.split.validation):
+        val_ds = make_dataset(
+            prep.split.validation,
+            config.seq_len,
+            config.seq_len,
+            config.batch_size,
+            shuffle=False,
+            max_batches=config.max_steps_per_epoch,
+        )
+    callbacks: list[keras.callbacks.Callback] = [EpochEnd(config, progress, chief)]
+    if chief and _tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=config.log_dir, write_graph=False))
+    remaining = config.epochs - progress.epochs_done
+    if remaining > 0 and not progress.stopped_early:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=config.epochs,
+            initial_epoch=progress.epochs_done,
+            callbacks=callbacks,
+            verbose=1 if chief else 2,
+        )
+    else:
+        log.info("all %d epochs are done; exporting", progress.epochs_done)
+
+    if progress.best_weights and progress.best_weights != progress.last_weights:
+        best = os.path.join(config.checkpoint_dir, progress.best_weights)
+        log.info("restoring the best epoch (%d) before export", progress.best_epoch)
+        with placement.strategy.scope():
+            model.load_weights(best)
+
+    metrics = _final_metrics(progress)
+    if config.level == "char" and "bits_per_token" in metrics:
+        metrics["bits_per_char"] = metrics["bits_per_token"]
+    if not chief:
+        log.info("worker %d done; the chief exports", placement.cluster.task_index)
+        return TrainResult("", metrics, "")
+    path = export_version(
+        _serving_copy(model, prep.model_config),
+        prep.model_config,
+        prep.tokenizer,
+        config.out,
+        {
+            "name": config.name,
+            "training": config.to_dict(),
+            "corpus": prep.corpus.describe(),
+            "tokens": {"train": int(len(prep.split.train)), "validation": int(len(prep.split.validation))},
+            "history": progress.history,
+            "distribution": placement.describe(),
+            "package_version": package_version(),
+            **metrics,
+        },
+    )
+    progress.exported = path
+    _write_json_atomic(os.path.join(config.checkpoint_dir, PROGRESS_FILE), progress.to_dict())
+    log.info("exported %s", path)
+    sample = smoke_generate(path, tokens=config.sample_tokens) if config.sample_tokens else ""
+    return TrainResult(path, metrics, sample)
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        log.warning("the tensorboard package is not installed: no TensorBoard logs")
+        return False
+    return True
+
+
+def _serving_copy(model: keras.Model, config: ModelConfig) -> keras.Model:
+    """A float32 copy outside any strategy and without optimizer: what gets exported."""
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = build_model(config)
+        copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    return copy
+
+
+def _final_metrics(progress: Progress) -> dict[str, Any]:
+    """The exported epoch's figures (the best one when early stopping restored it)."""
+    by_epoch = {r["epoch"]: r for r in progress.history}
+    record = by_epoch.get(progress.best_epoch) or (progress.history[-1] if progress.history else {})
+    out: dict[str, Any] = {
+        "epochs_completed": progress.epochs_done,
+        "exported_epoch": record.get("epoch", 0),
+        "stopped_early": progress.stopped_early,
+        "train_loss": record.get("loss"),
+    }
+    if "val_loss" in record:
+        out["val_loss"] = record["val_loss"]
+        out["bits_per_token"] = record["val_loss"] / LN2
+        out["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
+    elif "loss" in record:
+        out["bits_per_token"] = record["loss"] / LN2
+    return out
