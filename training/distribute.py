@@ -109,19 +109,16 @@ def choose_strategy(env: Mapping[str, str], *, mixed_precision: bool = False) ->
             pass
     strategy: Any
     if cluster.multi_worker:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy, name = tf.distribute.MultiWorkerMirroredStrategy(), "MultiWorkerMirroredStrategy"
     elif len(gpus) > 1:
-        strategy = tf.distribute.MirroredStrategy()
+        strategy, name = tf.distribute.MirroredStrategy(), "MirroredStrategy"
     else:
-        strategy = tf.distribute.get_strategy()  # the default: one device
+        strategy, name = tf.distribute.get_strategy(), "DefaultStrategy"  # one device
     devices = tuple(d.name for d in gpus) or ("/physical_device:CPU:0",)
     use_mixed = bool(mixed_precision and gpus)
     if mixed_precision and not gpus:
         log.warning("--mixed-precision needs a GPU; none found, training in float32")
     keras.mixed_precision.set_global_policy("mixed_float16" if use_mixed else "float32")
-    name = type(strategy).__name__
-    if name == "_DefaultDistributionStrategy":
-        name = "DefaultStrategy"
     placement = Placement(strategy=strategy, name=name, devices=devices, cluster=cluster, mixed_precision=use_mixed)
     log.info(
         "strategy %s, %d replica(s), devices %s, worker %d of %d%s, %s",

@@ -307,14 +307,27 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
         callbacks.append(keras.callbacks.TensorBoard(log_dir=config.log_dir, write_graph=False))
     remaining = config.epochs - progress.epochs_done
     if remaining > 0 and not progress.stopped_early:
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=config.epochs,
-            initial_epoch=progress.epochs_done,
-            callbacks=callbacks,
-            verbose=1 if chief else 2,
-        )
+        if placement.cluster.multi_worker:
+            _fit_multi_worker(
+                model,
+                placement.strategy,
+                train_ds,
+                val_ds,
+                epochs=config.epochs,
+                initial_epoch=progress.epochs_done,
+                steps=prep.train_batches,
+                callbacks=callbacks,
+                verbose=chief,
+            )
+        else:
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=config.epochs,
+                initial_epoch=progress.epochs_done,
+                callbacks=callbacks,
+                verbose=1 if chief else 2,
+            )
     else:
         log.info("all %d epochs are done; exporting", progress.epochs_done)
 
@@ -351,6 +364,80 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
     log.info("exported %s", path)
     sample = smoke_generate(path, tokens=config.sample_tokens) if config.sample_tokens else ""
     return TrainResult(path, metrics, sample)
+
+
+def _fit_multi_worker(
+    model: keras.Model,
+    strategy: Any,
+    train_ds: Any,
+    val_ds: Any,
+    *,
+    epochs: int,
+    initial_epoch: int,
+    steps: int,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: bool,
+) -> None:
+    """The epoch loop of ``fit``, written out for MultiWorkerMirroredStrategy.
+
+    Keras 3 (3.15) ``fit`` fails under that strategy: it reduces a distributed
+    batch with ``strategy.reduce`` before the first step and the scalar loss
+    with ``axis=0`` after it (keras-team/keras#20585). This loop runs the same
+    model, loss and optimizer through ``strategy.run``; the optimizer sums the
+    replicas' gradients, so each replica's mean loss is divided by their number.
+    The callbacks (checkpoint, early stopping, TensorBoard) see the same logs.
+    """
+    import tensorflow as tf
+
+    per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    replicas = float(strategy.num_replicas_in_sync)
+    dist_train = strategy.experimental_distribute_dataset(train_ds)
+    dist_val = strategy.experimental_distribute_dataset(val_ds) if val_ds is not None else None
+
+    def train_replica(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            losses = per_token(y, model(x, training=True))  # (b, t)
+            loss = tf.reduce_mean(losses) / replicas
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply(grads, model.trainable_variables)
+        return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)
+
+    def eval_replica(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        losses = per_token(y, model(x, training=False))
+        return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)
+
+    @tf.function
+    def train_step(batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        total, count = strategy.run(train_replica, args=batch)
+        return strategy.reduce("SUM", total, axis=None), strategy.reduce("SUM", count, axis=None)
+
+    @tf.function
+    def eval_step(batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        total, count = strategy.run(eval_replica, args=batch)
+        return strategy.reduce("SUM", total, axis=None), strategy.reduce("SUM", count, axis=None)
+
+    callback_list = keras.callbacks.CallbackList(callbacks, add_history=False, add_progbar=False, model=model)
+    callback_list.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        callback_list.on_epoch_begin(epoch)
+        print(f"Epoch {epoch + 1}/{epochs}", flush=True)
+        bar = keras.utils.Progbar(steps, verbose=1 if verbose else 0)
+        total = count = 0.0
+        for i, batch in enumerate(dist_train):
+            t, c = train_step(batch)
+            total, count = total + float(t), count + float(c)
+            bar.update(i + 1, [("loss", total / max(count, 1.0))])
+        logs: dict[str, Any] = {"loss": total / max(count, 1.0)}
+        if dist_val is not None:
+            v_total = v_count = 0.0
+            for batch in dist_val:
+                t, c = eval_step(batch)
+                v_total, v_count = v_total + float(t), v_count + float(c)
+            logs["val_loss"] = v_total / max(v_count, 1.0)
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
 
 
 def _tensorboard_available() -> bool:
