@@ -1,0 +1,324 @@
+"""``textgen bench --out DIR``: run every benchmark on one model in one go and write the report.
+
+Order of a run (one model, one machine, baselines from the same run):
+
+1. build an untrained char LSTM (default 1 layer x 512 units) and export it to
+   ``DIR/models/bench/1``;
+2. engine only: the decode step at several batch sizes, the seeds' loop and
+   OneStep per request;
+3. end to end over gRPC against ``python -m service`` at several concurrency
+   levels (each level's figures are medians over ``--repeats``), then the
+   interference scenario on the same server;
+4. the same concurrency levels against ``--max-batch-size 1`` (once each);
+5. ``DIR/results.json``, ``DIR/table.md``, ``DIR/throughput.png``,
+   ``DIR/latency.png``; the table is printed too.
+
+``--quick`` shrinks everything (a 16-unit model, two small levels, a few
+tokens) to check the harness end to end in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from benchmarks.e2e_bench import ServerProcess, ServerSpec, measure_level
+from benchmarks.interference import InterferenceConfig, measure_interference
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """The end-to-end levels and how many tokens each stream asks for.
+
+    A stream asks for ``total_tokens // streams`` tokens, clamped to
+    ``[min_tokens, max_tokens]``, so every level does a similar amount of work.
+    """
+
+    streams: tuple[int, ...] = (1, 16, 64, 256, 1000)
+    total_tokens: int = 32768
+    min_tokens: int = 64
+    max_tokens: int = 2048
+    repeats: int = 3
+    prompt_chars: int = 16
+    level_timeout: float = 120.0
+    server_max_batch_size: int = 1024
+    server_max_concurrent: int = 1024
+    # --max-batch-size 1: far slower, so less work per level and one repeat.
+    baseline_streams: tuple[int, ...] = (1, 16, 64, 256, 1000)
+    baseline_total_tokens: int = 4096
+    baseline_min_tokens: int = 8
+    warmup_streams: int = 16
+    warmup_tokens: int = 8
+
+    def tokens_for(self, streams: int, baseline: bool = False) -> int:
+        total, low = (
+            (self.baseline_total_tokens, self.baseline_min_tokens) if baseline else (self.total_tokens, self.min_tokens)
+        )
+        return max(low, min(self.max_tokens, total // streams))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one run does; built in ``main`` from the flags."""
+
+    out: str
+    model: Any  # engine_bench.ModelSpec (imported lazily: it pulls in TensorFlow)
+    engine: Any  # engine_bench.EngineBenchConfig
+    e2e: E2EConfig = field(default_factory=E2EConfig)
+    interference: InterferenceConfig = field(default_factory=InterferenceConfig)
+    run_e2e: bool = True
+    run_interference: bool = True
+    reference_streams: int = 64
+    capacity_streams: int = 1000
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model, RAM and software versions of this machine."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    ram_gib = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+            ram_gib = round(kb / 1024 / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+    import tensorflow as tf
+
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu,
+        "ram_gib": ram_gib,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of each figure over repeats; errors summed; RSS per stream the worst repeat."""
+    out = dict(runs[-1])
+    for key in ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "seconds"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    out["errors"] = sum(r["errors"] for r in runs)
+    codes: dict[str, int] = {}
+    for r in runs:
+        for code, n in r["error_codes"].items():
+            codes[code] = codes.get(code, 0) + n
+    out["error_codes"] = codes
+    out["server_rss_kb_per_stream"] = max(r["server_rss_kb_per_stream"] for r in runs)
+    out["repeats"] = len(runs)
+    out["tokens_per_s_all"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
+def run_server_levels(
+    config: BenchConfig, models_dir: str, max_batch_size: int, baseline: bool, results: dict[str, Any]
+) -> dict[str, Any]:
+    """Start one server and measure its concurrency levels (and the interference scenario if batched)."""
+    e2e = config.e2e
+    spec = ServerSpec(
+        models_dir=models_dir,
+        model="bench",
+        max_batch_size=max_batch_size,
+        max_concurrent=e2e.server_max_concurrent,
+        max_queue=max(e2e.server_max_concurrent, max(e2e.streams)),
+    )
+    tag = "mbs1" if baseline else "batched"
+    log_path = os.path.join(config.out, "logs", f"server-{tag}.log")
+    flags = (
+        f"--max-batch-size {spec.max_batch_size} --max-concurrent {spec.max_concurrent} --max-queue {spec.max_queue}"
+    )
+    part: dict[str, Any] = {"server_args": flags, "levels": []}
+    streams = e2e.baseline_streams if baseline else e2e.streams
+    repeats = 1 if baseline else e2e.repeats
+    try:
+        with ServerProcess(spec, log_path) as server:
+            part["server_rss_kb_idle"] = server.rss_kb()
+            measure_level(server, e2e.warmup_streams, e2e.warmup_tokens, e2e.prompt_chars, e2e.level_timeout)
+            part["server_rss_kb_after_warmup"] = server.rss_kb()
+            for n in streams:
+                tokens = e2e.tokens_for(n, baseline)
+                runs = [measure_level(server, n, tokens, e2e.prompt_chars, e2e.level_timeout) for _ in range(repeats)]
+                level = _median_level(runs)
+                part["levels"].append(level)
+                print(
+                    f"  e2e {tag}: {n} streams x {tokens} tokens: {level['tokens_per_s']:,.0f} tokens/s, "
+                    f"errors {level['errors']}",
+                    flush=True,
+                )
+            if not baseline and config.run_interference:
+                try:
+                    results["interference"] = measure_interference(server.target, "bench", config.interference)
+                except Exception as e:  # the report says what failed; the rest of the run stands
+                    results["interference"] = {"error": f"{type(e).__name__}: {e}"}
+    except Exception as e:
+        part["error"] = f"{type(e).__name__}: {e}"
+        print(f"  e2e {tag} failed: {part['error']}", file=sys.stderr, flush=True)
+    return part
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    """The whole benchmark; returns the results document (the report is written by the caller)."""
+    from benchmarks import engine_bench
+
+    started = time.perf_counter()
+    models_dir = os.path.join(config.out, "models")
+    os.makedirs(os.path.join(config.out, "logs"), exist_ok=True)
+    results: dict[str, Any] = {
+        "config": {
+            "model": asdict(config.model),
+            "engine": asdict(config.engine),
+            "e2e": asdict(config.e2e),
+            "interference": asdict(config.interference),
+            "reference_streams": config.reference_streams,
+            "capacity_streams": config.capacity_streams,
+        },
+        "machine": machine(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"exporting the benchmark model ({config.model.units} units) ...", flush=True)
+    bench = engine_bench.export_bench_model(models_dir, config.model)
+    engine: dict[str, Any] = {"vocab_size": bench.tokenizer.vocab_size}
+    results["engine"] = engine
+    print("engine only: batched decode step ...", flush=True)
+    engine["batched"] = engine_bench.measure_batched(bench, config.engine)
+    for row in engine["batched"]["rows"]:
+        print(f"  batch {row['batch']}: {row['tokens_per_s']:,.0f} tokens/s", flush=True)
+    engine["onestep"] = engine_bench.measure_onestep(bench, config.engine)
+    print(f"  OneStep per request: {engine['onestep']['ms_per_token']:.3f} ms/token", flush=True)
+    engine["seed_loop"] = engine_bench.measure_seed_loop(bench, config.engine)
+    print(f"  seeds' loop: {engine['seed_loop']['ms_per_token']:.1f} ms/token", flush=True)
+    if config.run_e2e:
+        results["e2e"] = {}
+        for key, mbs, baseline in (
+            ("batched", config.e2e.server_max_batch_size, False),
+            ("max_batch_size_1", 1, True),
+        ):
+            print(f"end to end: --max-batch-size {mbs} ...", flush=True)
+            results["e2e"][key] = run_server_levels(config, models_dir, mbs, baseline, results)
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
+QUICK_E2E = E2EConfig(
+    streams=(1, 4),
+    total_tokens=64,
+    min_tokens=8,
+    max_tokens=16,
+    repeats=1,
+    level_timeout=60.0,
+    server_max_batch_size=64,
+    server_max_concurrent=64,
+    baseline_streams=(1, 4),
+    baseline_total_tokens=32,
+    baseline_min_tokens=4,
+    warmup_streams=2,
+    warmup_tokens=4,
+)
+QUICK_INTERFERENCE = InterferenceConfig(
+    streams=4, stream_tokens=32, arrival_prompt_chars=64, arrival_tokens=4, window=1.0, warmup=0.5, timeout=30.0
+)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_config(argv: Sequence[str]) -> BenchConfig:
+    from benchmarks.engine_bench import EngineBenchConfig, ModelSpec
+
+    parser = argparse.ArgumentParser(prog="textgen bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for results.json, table.md, plots, model, logs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
+    parser.add_argument("--units", type=int, help="LSTM units (default 512; --quick 16)")
+    parser.add_argument("--layers", type=int, help="LSTM layers (default 1)")
+    parser.add_argument("--batches", type=_ints, help="engine-only batch sizes, e.g. 1,8,32,64,128,512")
+    parser.add_argument("--streams", type=_ints, help="end-to-end concurrency levels, e.g. 1,16,64,256,1000")
+    parser.add_argument("--baseline-streams", type=_ints, help="levels for --max-batch-size 1")
+    parser.add_argument("--repeats", type=int, help="repeats per figure (medians are reported)")
+    parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
+    parser.add_argument("--no-interference", action="store_true")
+    args = parser.parse_args(list(argv))
+    model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
+    reference, capacity = 64, 1000
+    if args.quick:
+        model = ModelSpec(units=16, embedding_dim=16, corpus_chars=20_000)
+        engine = EngineBenchConfig(
+            batch_sizes=(1, 4), repeats=2, max_steps=20, repeat_seconds=0.05, seed_tokens=3, onestep_tokens=10
+        )
+        e2e, inter = QUICK_E2E, QUICK_INTERFERENCE
+        reference, capacity = 4, 4
+    if args.units is not None or args.layers is not None:
+        model = replace(model, units=args.units or model.units, layers=args.layers or model.layers)
+    if args.batches:
+        engine = replace(engine, batch_sizes=args.batches)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
+        engine = replace(engine, repeats=args.repeats)
+        e2e = replace(e2e, repeats=args.repeats)
+    if args.streams:
+        e2e = replace(e2e, streams=args.streams)
+    if args.baseline_streams:
+        e2e = replace(e2e, baseline_streams=args.baseline_streams)
+    for name in ("units", "layers"):
+        if getattr(model, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(model, name)}")
+    if reference not in engine.batch_sizes:
+        engine = replace(engine, batch_sizes=tuple(sorted({*engine.batch_sizes, reference})))
+    return BenchConfig(
+        out=os.path.abspath(args.out),
+        model=model,
+        engine=engine,
+        e2e=e2e,
+        interference=inter,
+        run_e2e=not args.no_e2e,
+        run_interference=not args.no_interference,
+        reference_streams=reference,
+        capacity_streams=capacity,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 when every part ran (targets may still fail), 1 when a part could not run."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    os.makedirs(config.out, exist_ok=True)
+    results = run(config)
+    from benchmarks.report import write_report
+
+    paths = write_report(results, config.out)
+    with open(paths["table.md"], encoding="utf-8") as f:
+        print(f.read())
+    print("wrote " + ", ".join(paths.values()))
+    failed = [k for k, v in results.get("e2e", {}).items() if v.get("error")]
+    if results.get("interference", {}).get("error"):
+        failed.append("interference")
+    if failed:
+        print(f"could not measure: {', '.join(failed)} (see {os.path.join(config.out, 'logs')})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""End-to-end load over gRPC: a server subprocess, an asyncio load generator in its own process, server RSS.
+
+The load generator (``python -m benchmarks.e2e_bench --target HOST:PORT --streams N ...``)
+opens N concurrent ``Generate`` streams at once and records when each message
+arrives. A message carries every token produced since the previous one (the
+server coalesces for slow readers), so a message of ``k`` tokens arriving
+``gap`` seconds after the previous one counts as ``k`` inter-token samples of
+``gap / k``; time to first token is from sending the request to the first
+message with text. Tokens are counted from the final message's usage (text
+length when a stream ends without one). It writes one JSON summary.
+
+The harness side (``ServerProcess``, ``RssSampler``, ``run_load``) starts
+``python -m service`` on 127.0.0.1, waits for health SERVING, runs one load
+process per measurement while sampling the server's ``VmRSS`` from
+``/proc/<pid>/status``, and stops the server with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.prompts import bench_corpus, prompt
+
+LOCALHOST = "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- statistics
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) with linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class StreamRecord:
+    """What one ``Generate`` call produced, as seen by the client."""
+
+    start: float
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens in that message)
+    completion_tokens: int = 0
+    finished: bool = False
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.arrivals[0][0] - self.start if self.arrivals else None
+
+    def itl_samples(self) -> list[float]:
+        samples: list[float] = []
+        for (t0, _), (t1, k) in zip(self.arrivals, self.arrivals[1:], strict=False):
+            samples.extend([(t1 - t0) / k] * k)
+        return samples
+
+
+def summarize(records: Sequence[StreamRecord]) -> dict[str, Any]:
+    """Aggregate tokens/s, TTFT and ITL percentiles (milliseconds) and errors over ``records``."""
+    tokens = sum(r.completion_tokens or sum(k for _, k in r.arrivals) for r in records)
+    starts = [r.start for r in records]
+    ends = [r.arrivals[-1][0] for r in records if r.arrivals]
+    duration = (max(ends) - min(starts)) if ends else 0.0
+    ttfts = [1000.0 * t for r in records if (t := r.ttft) is not None]
+    itls = [1000.0 * s for r in records for s in r.itl_samples()]
+    codes: dict[str, int] = {}
+    for r in records:
+        if r.error is not None:
+            codes[r.error] = codes.get(r.error, 0) + 1
+    return {
+        "requests": len(records),
+        "completed": sum(1 for r in records if r.finished),
+        "errors": sum(codes.values()),
+        "error_codes": codes,
+        "tokens": tokens,
+        "seconds": duration,
+        "tokens_per_s": tokens / duration if duration > 0 else 0.0,
+        "ttft_ms_p50": percentile(ttfts, 50),
+        "ttft_ms_p99": percentile(ttfts, 99),
+        "itl_ms_p50": percentile(itls, 50),
+        "itl_ms_p99": percentile(itls, 99),
+        "itl_samples": len(itls),
+    }
+
+
+# --------------------------------------------------------------------------- the load generator
+def channel_pool(target: str, count: int) -> list[Any]:
+    import grpc
+
+    # A local subchannel pool gives each channel its own TCP connection, as separate clients would have.
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+
+
+async def run_stream(stub: Any, request: Any, timeout: float) -> StreamRecord:
+    """One ``Generate`` call from send to last message; errors are recorded by status code name."""
+    import grpc
+
+    record = StreamRecord(start=time.perf_counter())
+    try:
+        async for message in stub.Generate(request, timeout=timeout):
+            now = time.perf_counter()
+            if message.text:
+                record.arrivals.append((now, len(message.text)))  # char model: one token per character
+            if message.finish_reason:
+                record.completion_tokens = message.usage.completion_tokens
+                record.finished = True
+    except grpc.aio.AioRpcError as e:
+        record.error = e.code().name
+    except asyncio.CancelledError:
+        record.error = "CLIENT_TIMEOUT"
+    return record
+
+
+def generate_request(index: int, max_tokens: int, prompt_chars: int, corpus: str, model: str) -> Any:
+    from service.api import textgen_pb2
+
+    return textgen_pb2.GenerateRequest(
+        prompt=prompt(index, prompt_chars, corpus),
+        max_tokens=max_tokens,
+        temperature=1.0,
+        seed=index + 1,
+        model=model,
+    )
+
+
+async def concurrent_load(
+    target: str, streams: int, max_tokens: int, prompt_chars: int, timeout: float, model: str
+) -> dict[str, Any]:
+    """``streams`` concurrent Generate calls started together; returns ``summarize`` of them."""
+    from service.api import textgen_pb2_grpc
+
+    corpus = bench_corpus(200_000)
+    channels = channel_pool(target, max(1, math.ceil(streams / 128)))
+    try:
+        stubs = [textgen_pb2_grpc.TextGenerationStub(c) for c in channels]
+        requests = [generate_request(i, max_tokens, prompt_chars, corpus, model) for i in range(streams)]
+        tasks = [asyncio.ensure_future(run_stream(stubs[i % len(stubs)], requests[i], timeout)) for i in range(streams)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout + 5.0)
+        for task in pending:
+            task.cancel()
+        records = [t.result() for t in done] + [await t for t in pending]
+    finally:
+        for c in channels:
+            await c.close()
+    return summarize(records)
+
+
+def _load_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="HOST:PORT of the server")
+    parser.add_argument("--streams", type=int, required=True, help="concurrent Generate calls")
+    parser.add_argument("--max-tokens", type=int, required=True, help="tokens per call")
+    parser.add_argument("--prompt-chars", type=int, default=16)
+    parser.add_argument("--model", default="", help="model name ('' = the server's default)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole load")
+    parser.add_argument("--out-json", required=True)
+    args = parser.parse_args(argv)
+    for name in ("streams", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    summary = asyncio.run(
+        concurrent_load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model)
+    )
+    with open(args.out_json, "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+    return 0
+
+
+# --------------------------------------------------------------------------- the server process
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rss_kb(pid: int) -> int | None:
+    """``VmRSS`` of ``pid`` in KiB, None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval`` seconds in a thread; ``peak_kb`` is the largest seen."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self.peak_kb = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = rss_kb(self._pid)
+            if value is not None:
+                self.peak_kb = max(self.peak_kb, value)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server for a measurement."""
+
+    models_dir: str
+    model: str
+    max_batch_size: int
+    max_concurrent: int = 1024
+    max_queue: int = 1024
+    startup_timeout: float = 180.0
+    extra_args: tuple[str, ...] = ()
+
+
+class ServerProcess:
+    """``python -m service`` on 127.0.0.1 with free ports; a context manager that always stops it."""
+
+    def __init__(self, spec: ServerSpec, log_path: str) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.target = f"{LOCALHOST}:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def command(self) -> list[str]:
+        s = self.spec
+        return [
+            sys.executable,
+            "-m",
+            "service",
+            "--models",
+            s.models_dir,
+            "--default-model",
+            s.model,
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--max-batch-size",
+            str(s.max_batch_size),
+            "--max-concurrent",
+            str(s.max_concurrent),
+            "--max-queue",
+            str(s.max_queue),
+            *s.extra_args,
+        ]
+
+    def __enter__(self) -> ServerProcess:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + self.spec.startup_timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self._proc.returncode} during startup: {self.log_tail()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError(f"server not SERVING after {self.spec.startup_timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def rss_kb(self) -> int | None:
+        return rss_kb(self.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10.0)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._proc = proc  # keep the pid readable for reports
+
+
+def run_load(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]:
+    """Run ``python -m module args --out-json F`` in its own process and return the JSON it wrote."""
+    with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
+        out = os.path.join(tmp, "load.json")
+        cmd = [sys.executable, "-m", module, *args, "--out-json", out]
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+        if proc.returncode != 0 or not os.path.exists(out):
+            stderr = proc.stderr.decode("utf-8", "replace")[-2000:]
+            raise RuntimeError(f"load generator {module} exited with {proc.returncode}: {stderr}")
+        with open(out, encoding="utf-8") as f:
+            result: dict[str, Any] = json.load(f)
+            return result
+
+
+def measure_level(
+    server: ServerProcess, streams: int, max_tokens: int, prompt_chars: int, timeout: float
+) -> dict[str, Any]:
+    """One concurrency level against a running server, with the server's RSS before and at peak."""
+    before = server.rss_kb() or 0
+    args = ["--target", server.target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
+    args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
+    with RssSampler(server.pid) as sampler:
+        summary = run_load("benchmarks.e2e_bench", args, timeout=timeout + 60.0)
+    summary.update(
+        streams=streams,
+        max_tokens=max_tokens,
+        server_rss_kb_before=before,
+        server_rss_kb_peak=sampler.peak_kb,
+        server_rss_kb_per_stream=max(0, sampler.peak_kb - before) / streams,
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(_load_main())

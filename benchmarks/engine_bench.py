@@ -1,0 +1,210 @@
+"""Engine-only throughput: one batched decode step with in-graph sampling, and the two baselines.
+
+Everything here runs in the harness's own process on one exported model:
+
+* ``export_bench_model`` builds an untrained char model (speed does not depend
+  on the weights) and exports it under the SavedModel contract;
+* ``measure_batched`` times the serving decode step (``step`` + in-graph
+  sampling, sampled ids fetched to the host every step, as the engine does)
+  at several batch sizes;
+* ``measure_seed_loop`` times the seed tutorials' loop: ``model.predict`` on
+  the whole window for every token;
+* ``measure_onestep`` times the TF tutorial's OneStep: one stateful step call
+  per token for one request, no batching.
+
+Every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.prompts import bench_corpus
+from training.export import export_version
+from training.model import ModelConfig, build_model
+from training.tokenizer import Tokenizer
+
+BENCH_MODEL_NAME = "bench"
+SEED_WINDOW = 40  # the seed tutorials' maxlen
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The benchmark model's shape (untrained weights: speed does not depend on them)."""
+
+    units: int = 512
+    layers: int = 1
+    embedding_dim: int = 256
+    corpus_chars: int = 200_000
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class EngineBenchConfig:
+    """How long and how often each engine-only figure is measured."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 512)
+    repeats: int = 5
+    max_steps: int = 400  # per repeat
+    repeat_seconds: float = 0.4  # a repeat stops after this long (at least 3 steps)
+    seed_tokens: int = 12  # seeds' loop: model.predict per token is slow
+    onestep_tokens: int = 300
+    temperature: float = 1.0
+
+
+@dataclass
+class BenchModel:
+    """An exported benchmark model plus the in-process objects the baselines use."""
+
+    models_dir: str
+    name: str
+    path: str
+    keras_model: keras.Model
+    tokenizer: Tokenizer
+    spec: ModelSpec
+
+    @property
+    def state_size(self) -> int:
+        return 2 * self.spec.layers * self.spec.units
+
+
+def export_bench_model(models_dir: str, spec: ModelSpec) -> BenchModel:
+    """Build and export ``<models_dir>/bench/1`` (any previous bench model there is replaced)."""
+    text = bench_corpus(spec.corpus_chars)
+    keras.utils.set_random_seed(spec.seed)
+    tokenizer = Tokenizer(level="char").fit_on_texts([text])
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, embedding_dim=spec.embedding_dim, units=spec.units, layers=spec.layers
+    )
+    model = build_model(config)
+    base = os.path.join(models_dir, BENCH_MODEL_NAME)
+    shutil.rmtree(base, ignore_errors=True)
+    path = export_version(model, config, tokenizer, base, {"purpose": "benchmark (untrained weights)"})
+    return BenchModel(models_dir, BENCH_MODEL_NAME, path, model, tokenizer, spec)
+
+
+DecodeFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+
+def stand_in_decode(loaded: Any, temperature: float) -> DecodeFn:
+    """``step`` + temperature sampling in one ``tf.function``: the OneStep shape of a decode step."""
+    temp = tf.constant(temperature, tf.float32)
+    # `decode` refers to `loaded` itself (not just its signature) so the variables stay alive.
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)],
+        reduce_retracing=True,
+    )
+    def decode(tokens: tf.Tensor, state: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        out = loaded.signatures["step"](tokens=tokens, state=state)
+        ids = tf.random.categorical(out["logits"] / temp, 1, dtype=tf.int32)[:, 0]  # (b,)
+        return ids, out["state"]
+
+    return decode
+
+
+def engine_decode(path: str, temperature: float) -> tuple[DecodeFn, str]:
+    """The decode function the serving engine runs, and a name saying which one it is.
+
+    Until the engine exposes its compiled step this is ``stand_in_decode``.
+    """
+    loaded = tf.saved_model.load(path)
+    return stand_in_decode(loaded, temperature), "stand-in: step signature + tf.random.categorical"
+
+
+def _bounded_run(step_once: Callable[[], None], max_steps: int, seconds: float) -> tuple[int, float]:
+    """Call ``step_once`` until ``max_steps`` or ``seconds`` (at least 3 calls); return (calls, elapsed)."""
+    start = time.perf_counter()
+    n = 0
+    while n < max_steps:
+        step_once()
+        n += 1
+        if n >= 3 and time.perf_counter() - start >= seconds:
+            break
+    return n, time.perf_counter() - start
+
+
+def _batch_rate(decode: DecodeFn, batch: int, state_size: int, config: EngineBenchConfig) -> dict[str, Any]:
+    tokens = tf.constant(np.full([batch], 2, np.int32))
+    state = tf.zeros([batch, state_size], tf.float32)
+
+    def one() -> None:
+        nonlocal tokens, state
+        ids, state = decode(tokens, state)
+        tokens = tf.constant(ids.numpy())  # the engine hands every sampled id to its request on the host
+
+    for _ in range(2):  # trace and warm up
+        one()
+    rates, step_ms = [], []
+    for _ in range(config.repeats):
+        n, elapsed = _bounded_run(one, config.max_steps, config.repeat_seconds)
+        rates.append(batch * n / elapsed)
+        step_ms.append(1000.0 * elapsed / n)
+    return {
+        "batch": batch,
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_all": rates,
+        "step_ms": statistics.median(step_ms),
+    }
+
+
+def measure_batched(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
+    """Tokens/s of the decode step at each batch size (median over repeats)."""
+    decode, kind = engine_decode(bench.path, config.temperature)
+    rows = [_batch_rate(decode, batch, bench.state_size, config) for batch in config.batch_sizes]
+    return {"decode_fn": kind, "rows": rows}
+
+
+def measure_onestep(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
+    """The TF tutorial's OneStep for one request: a stateful step per token, the id fetched each time."""
+    decode = stand_in_decode(tf.saved_model.load(bench.path), config.temperature)
+    token = tf.constant([2], tf.int32)
+    state = tf.zeros([1, bench.state_size], tf.float32)
+    for _ in range(2):
+        ids, state = decode(token, state)
+    per_token = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        n = 0
+        deadline = start + config.repeat_seconds
+        while n < config.onestep_tokens and (n < 3 or time.perf_counter() < deadline):
+            ids, state = decode(token, state)
+            token = tf.constant([int(ids.numpy()[0])], tf.int32)
+            n += 1
+        per_token.append((time.perf_counter() - start) / n)
+    ms = 1000.0 * statistics.median(per_token)
+    return {"ms_per_token": ms, "tokens_per_s": 1000.0 / ms, "ms_per_token_all": [1000.0 * t for t in per_token]}
+
+
+def measure_seed_loop(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
+    """The seed tutorials' loop: ``model.predict`` on the last 40 ids for every new token."""
+    rng = np.random.default_rng(bench.spec.seed)
+    window = bench.tokenizer.encode(bench_corpus(SEED_WINDOW))[-SEED_WINDOW:]
+    model = bench.keras_model
+    model.predict(np.array([window], np.int32), verbose=0)  # build the predict function once
+    per_token = []
+    for _ in range(config.seed_tokens):
+        start = time.perf_counter()
+        logits = model.predict(np.array([window], np.int32), verbose=0)[0, -1].astype(np.float64)  # (vocab,)
+        logits = logits / config.temperature
+        probs = np.exp(logits - logits.max())
+        next_id = int(rng.choice(len(probs), p=probs / probs.sum()))
+        window = window[1:] + [next_id]
+        per_token.append(time.perf_counter() - start)
+    ms = 1000.0 * statistics.median(per_token)
+    return {
+        "ms_per_token": ms,
+        "tokens_per_s": 1000.0 / ms,
+        "tokens": config.seed_tokens,
+        "window": SEED_WINDOW,
+    }
