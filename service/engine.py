@@ -1,0 +1,679 @@
+"""The engine: one thread that owns every model call and every active sequence's state.
+
+Continuous batching. Each iteration of the engine thread
+
+1. takes new submissions and cancellations (thread-safe hand-off under one lock),
+2. drops finished, cancelled and expired rows and admits waiting requests, with
+   one gather/concat of the state matrix per change (never per step),
+3. runs ONE batched ``decode`` call (model ``step`` + in-graph sampler) per
+   loaded (model, version), round-robin, so different weights never share a
+   call and every model gets a step per iteration,
+4. hands each row its token (text via ``Tokenizer.piece``, stop sequences via
+   ``StoppingCriteria``), and wakes each event loop once for all its streams.
+
+Prompts ride in the decode batch: for an LSTM a prompt token costs exactly one
+step, so a row feeds its next prompt token instead of its last sample and its
+sample is ignored until the prompt is consumed. Running streams never stall
+behind a long prompt. When a (model, version) has no running row at all, the
+waiting prompts are prefilled together with the ``prefill`` signature (no one
+is stalled then). The asyncio side never runs TensorFlow: ``submit`` only
+encodes the prompt and queues it, and ``Stream.next_chunk`` only reads what
+the engine accumulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from service.metrics import ServingMetrics
+from service.model_repository import LoadedModel
+from service.sampling import SamplingParams, StoppingCriteria
+
+log = logging.getLogger(__name__)
+
+_U64 = 1 << 64
+
+
+class CapacityError(Exception):
+    """Over max_concurrent + max_queue (RESOURCE_EXHAUSTED)."""
+
+
+class EngineClosedError(Exception):
+    """The engine is shutting down and takes no new requests (UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_concurrent: int = 256  # active sequences (all models)
+    max_queue: int = 1024  # accepted but waiting
+    max_batch_size: int = 256  # rows in one step; 1 = no batching (baseline)
+    # When a (model, version) has no running row, prefill the waiting prompts
+    # with the ``prefill`` signature in one call instead of one token per step.
+    prefill_when_idle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+@dataclass
+class Chunk:
+    """Everything new since the previous Chunk of this stream."""
+
+    text: str
+    token_ids: list[int]  # filled only when include_tokens
+    token_texts: list[str]
+    logprobs: list[float]
+    finish_reason: str | None  # None while running; "length" | "stop" | "end" | "cancelled" | "deadline" | "error"
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+    time_to_first_token: float | None  # seconds, once known
+    error: str | None = None  # message when finish_reason == "error"
+
+
+class Stream:
+    """The servicer's handle on one request; the engine thread writes, the event loop reads."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model: LoadedModel,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        prompt_ids: list[int],
+        prompt_tokens: int,
+        seed: int,
+        deadline: float | None,
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.loop = loop
+        self.prompt_tokens = prompt_tokens
+        self.seed = seed  # the seed actually used (drawn when the request had none)
+        self.deadline = deadline
+        self.submitted_at = time.monotonic()
+        self._engine = engine
+        self._prompt_ids = prompt_ids
+        self._lock = threading.Lock()
+        self._event = asyncio.Event()
+        self._text: list[str] = []
+        self._ids: list[int] = []
+        self._token_texts: list[str] = []
+        self._logprobs: list[float] = []
+        self._completion_tokens = 0
+        self._ttft: float | None = None
+        self._finish: str | None = None
+        self._error: str | None = None
+        self._final_taken = False
+        self._cancel_requested = False
+
+    # ------------------------------------------------------------ consumer side (event loop)
+    async def next_chunk(self) -> Chunk:
+        """Wait for news and return all of it, coalesced. After the final chunk, returns it again (empty)."""
+        while True:
+            with self._lock:
+                if self._text or self._ids or (self._finish is not None and not self._final_taken):
+                    return self._take()
+                if self._final_taken:
+                    return self._chunk("", [], [], [])
+                self._event.clear()
+            await self._event.wait()
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        with self._lock:
+            if self._final_taken:
+                raise StopAsyncIteration
+        return await self.next_chunk()
+
+    def cancel(self) -> None:
+        """Thread-safe; the row leaves the batch at the next step (no-op once finished)."""
+        with self._lock:
+            if self._finish is not None or self._cancel_requested:
+                return
+            self._cancel_requested = True
+        self._engine._request_cancel(self)
+
+    @property
+    def finished(self) -> bool:
+        with self._lock:
+            return self._finish is not None
+
+    def _take(self) -> Chunk:
+        chunk = self._chunk("".join(self._text), self._ids, self._token_texts, self._logprobs)
+        self._text = []
+        self._ids = []
+        self._token_texts = []
+        self._logprobs = []
+        if self._finish is not None:
+            self._final_taken = True
+        return chunk
+
+    def _chunk(self, text: str, ids: list[int], texts: list[str], logprobs: list[float]) -> Chunk:
+        return Chunk(
+            text=text,
+            token_ids=ids,
+            token_texts=texts,
+            logprobs=logprobs,
+            finish_reason=self._finish,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            time_to_first_token=self._ttft,
+            error=self._error,
+        )
+
+    # ------------------------------------------------------------ producer side (engine thread)
+    def _push(self, token_id: int, piece: str, emit: str, logprob: float, finish: str | None, now: float) -> None:
+        with self._lock:
+            if emit:
+                self._text.append(emit)
+            if self.params.include_tokens:
+                self._ids.append(token_id)
+                self._token_texts.append(piece)
+                self._logprobs.append(logprob)
+            self._completion_tokens += 1
+            if self._ttft is None:
+                self._ttft = now - self.submitted_at
+            if finish is not None:
+                self._finish = finish
+
+    def _end(self, finish: str, emit: str = "", error: str | None = None) -> bool:
+        """Finish without a new token; False if it had already finished."""
+        with self._lock:
+            if self._finish is not None:
+                return False
+            if emit:
+                self._text.append(emit)
+            self._finish = finish
+            self._error = error
+            return True
+
+    def _wake(self) -> None:
+        self._event.set()
+
+
+@dataclass(eq=False)
+class _Row:
+    """Engine-side record of one active sequence."""
+
+    stream: Stream
+    criteria: StoppingCriteria
+    prompt_ids: list[int]
+    cursor: int = 1  # index of the next prompt token to feed
+    last_id: int | None = None  # for Tokenizer.piece
+    last_token_time: float | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The running rows of one (model, version) and their state, row-aligned."""
+
+    model: LoadedModel
+    rows: list[_Row] = field(default_factory=list)
+    state: Any = None  # tf.Tensor (b, S)
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # next token to feed
+    temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    top_k: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    seed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens generated so far
+    deadline: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    prompt_left: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # prompt tokens after `tokens`
+
+    ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
+
+
+def _as_int64(seed: int) -> int:
+    seed %= _U64
+    return seed - _U64 if seed >= 1 << 63 else seed
+
+
+class _ModelMetrics:
+    """The engine's metric children for one model name (labels() looked up once)."""
+
+    def __init__(self, metrics: ServingMetrics, name: str) -> None:
+        self.step_duration = metrics.step_duration.labels(model=name)
+        self.batch_size = metrics.batch_size.labels(model=name)
+        self.queue_duration = metrics.queue_duration.labels(model=name)
+        self.time_to_first_token = metrics.time_to_first_token.labels(model=name)
+        self.inter_token_latency = metrics.inter_token_latency.labels(model=name)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model=name)
+        self.generated_tokens = metrics.generated_tokens.labels(model=name)
+        self.active_sequences = metrics.active_sequences.labels(model=name)
+        self.waiting_requests = metrics.waiting_requests.labels(model=name)
+
+
+class Engine:
+    """Continuous batching over every loaded model, in one daemon thread."""
+
+    def __init__(self, config: EngineConfig, metrics: ServingMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._incoming: list[Stream] = []
+        self._cancels: list[Stream] = []
+        self._n_active = 0
+        self._n_waiting = 0
+        self._closed = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # engine-thread only
+        self._waiting: collections.deque[Stream] = collections.deque()
+        self._batches: dict[LoadedModel, _Batch] = {}
+        self._rows_by_stream: dict[Stream, tuple[_Batch, _Row]] = {}
+        self._wake: dict[asyncio.AbstractEventLoop, list[Stream]] = {}
+        self._model_metrics: dict[str, _ModelMetrics] = {}
+        self._gauge_names: set[str] = set()
+        self._turn = 0
+        self.steps = 0  # batched decode calls made (for tests and benchmarks)
+
+    # ------------------------------------------------------------ public API
+    @property
+    def active(self) -> int:
+        with self._cond:
+            return self._n_active
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._n_waiting
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        model: LoadedModel,
+        prompt: str,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None = None,
+    ) -> Stream:
+        """Queue a request; never blocks and runs no TensorFlow. Raises CapacityError / EngineClosedError."""
+        limit = self.config.max_concurrent + self.config.max_queue
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the server is shutting down and takes no new requests")
+            if self._n_active + self._n_waiting >= limit:
+                raise CapacityError(
+                    f"the server is at capacity: {self._n_active} active and {self._n_waiting} waiting requests "
+                    f"(max_concurrent {self.config.max_concurrent} + max_queue {self.config.max_queue})"
+                )
+            self._n_waiting += 1  # reserve the slot before the (lock-free) encoding below
+        try:
+            prompt_ids = model.tokenizer.encode(prompt) if prompt else []
+        except BaseException:
+            with self._cond:
+                self._n_waiting -= 1
+            raise
+        prompt_tokens = len(prompt_ids)
+        if not prompt_ids:
+            prompt_ids = list(model.tokenizer.start_ids)
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        stream = Stream(self, model, params, loop, prompt_ids, prompt_tokens, seed, deadline)
+        model.acquire()
+        with self._cond:
+            self._incoming.append(stream)
+            self._cond.notify()
+        return stream
+
+    def close(self) -> None:
+        """Refuse new submits; running streams go on."""
+        with self._cond:
+            self._closed = True
+
+    def stop(self, timeout: float) -> None:
+        """Cancel whatever is left and join the engine thread."""
+        with self._cond:
+            self._closed = True
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _request_cancel(self, stream: Stream) -> None:
+        with self._cond:
+            self._cancels.append(stream)
+            self._cond.notify()
+
+    # ------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while (
+                    not self._incoming
+                    and not self._cancels
+                    and not self._waiting
+                    and not self._batches
+                    and not self._stopping
+                ):
+                    self._set_gauges()
+                    self._cond.wait()
+                incoming, self._incoming = self._incoming, []
+                cancels, self._cancels = self._cancels, []
+                stopping = self._stopping
+            self._waiting.extend(incoming)
+            if stopping:
+                self._shutdown()
+                return
+            try:
+                self._iterate(cancels)
+            except Exception as exc:  # never let the thread die with streams waiting on it
+                log.exception("engine iteration failed")
+                self._fail_everything(f"internal engine error: {type(exc).__name__}: {exc}")
+            self._flush_wakeups()
+
+    def _iterate(self, cancels: list[Stream]) -> None:
+        now = time.monotonic()
+        for stream in cancels:
+            self._finish_stream(stream, "cancelled", now)
+        admitted = self._admit(now)
+        batches = list(self._batches.values())
+        if batches:
+            self._turn = (self._turn + 1) % len(batches)
+            batches = batches[self._turn :] + batches[: self._turn]
+        for batch in batches:
+            try:
+                self._step(batch, admitted.get(batch, []))
+            except Exception as exc:
+                log.exception("decode failed for model %s", batch.model.key)
+                message = f"model {batch.model.key} failed: {type(exc).__name__}: {exc}"
+                for row in batch.rows + admitted.get(batch, []):
+                    self._finish_stream(row.stream, "error", time.monotonic(), error=message)
+                self._batches.pop(batch.model, None)
+            self._flush_wakeups()  # one wake-up per event loop per step
+        self._set_gauges()
+
+    def _admit(self, now: float) -> dict[_Batch, list[_Row]]:
+        """Move waiting requests into their batches (in FIFO order) while there is room."""
+        admitted: dict[_Batch, list[_Row]] = {}
+        if not self._waiting:
+            return admitted
+        with self._cond:
+            room = self.config.max_concurrent - self._n_active
+        still: collections.deque[Stream] = collections.deque()
+        n_admitted = 0
+        for stream in self._waiting:
+            if stream.finished:
+                continue  # cancelled while waiting
+            if stream.deadline is not None and now >= stream.deadline:
+                self._finish_stream(stream, "deadline", now)
+                continue
+            batch = self._batches.get(stream.model)
+            size = len(batch.rows) + len(admitted.get(batch, [])) if batch is not None else 0
+            if n_admitted >= room or size >= self.config.max_batch_size:
+                still.append(stream)
+                continue
+            if batch is None:
+                batch = _Batch(stream.model)
+                self._batches[stream.model] = batch
+            params = stream.params
+            row = _Row(
+                stream=stream,
+                criteria=StoppingCriteria(params.max_tokens, params.stop),
+                prompt_ids=stream._prompt_ids,
+                last_id=stream._prompt_ids[-1] if stream.prompt_tokens else None,
+            )
+            admitted.setdefault(batch, []).append(row)
+            self._rows_by_stream[stream] = (batch, row)
+            n_admitted += 1
+            if self.metrics is not None:
+                mm = self._mm(stream.model.name)
+                mm.queue_duration.observe(now - stream.submitted_at)
+                if stream.prompt_tokens:
+                    mm.prompt_tokens.inc(stream.prompt_tokens)
+        self._waiting = still
+        if n_admitted:
+            with self._cond:
+                self._n_waiting -= n_admitted
+                self._n_active += n_admitted
+        return admitted
+
+    def _step(self, batch: _Batch, new_rows: list[_Row]) -> None:
+        model = batch.model
+        now = time.monotonic()
+        if batch.rows:
+            expired = np.nonzero(batch.deadline <= now)[0]
+            for i in expired:
+                self._finish_stream(batch.rows[int(i)].stream, "deadline", now)
+        self._compact(batch)
+        if new_rows:
+            if not batch.rows and self.config.prefill_when_idle:
+                self._prefill(batch, new_rows)
+            else:
+                self._append_riding(batch, new_rows)
+            self._compact(batch)  # rows finished by their first token (max_tokens 1, a stop)
+        if not batch.rows:
+            self._batches.pop(model, None)
+            return
+        started = time.perf_counter()
+        ids_t, logprobs_t, batch.state = model.decode(
+            batch.tokens, batch.state, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.position
+        )
+        ids = ids_t.numpy()
+        logprobs = logprobs_t.numpy()
+        elapsed = time.perf_counter() - started
+        self.steps += 1
+        size = len(batch.rows)
+        if self.metrics is not None:
+            mm = self._mm(model.name)
+            mm.step_duration.observe(elapsed)
+            mm.batch_size.observe(size)
+        prompting = batch.prompt_left > 0
+        if prompting.any():
+            for i in np.nonzero(prompting)[0]:
+                row = batch.rows[int(i)]
+                batch.tokens[i] = row.prompt_ids[row.cursor]
+                row.cursor += 1
+            batch.prompt_left[prompting] -= 1
+            generating = np.nonzero(~prompting)[0]
+        else:
+            generating = None
+        self._deliver(batch, ids, logprobs, generating)
+
+    def _deliver(self, batch: _Batch, ids: np.ndarray, logprobs: np.ndarray, which: np.ndarray | None) -> None:
+        """Hand rows ``which`` (None: all) their sampled token; the per-token Python work of the engine."""
+        now = time.monotonic()
+        rows = batch.rows
+        tokenizer = batch.model.tokenizer
+        mm = self._mm(batch.model.name) if self.metrics is not None else None
+        indices = range(len(rows)) if which is None else which.tolist()
+        ids_list = ids.tolist()
+        logprobs_list = logprobs.tolist()
+        wake = self._wake
+        delivered = 0
+        for i in indices:
+            row = rows[i]
+            token_id = ids_list[i]
+            piece = tokenizer.piece(row.last_id, token_id)
+            row.last_id = token_id
+            emit, finish = row.criteria(piece)
+            stream = row.stream
+            stream._push(token_id, piece, emit, logprobs_list[i], finish, now)
+            if mm is not None:
+                if row.last_token_time is None:
+                    mm.time_to_first_token.observe(now - stream.submitted_at)
+                else:
+                    mm.inter_token_latency.observe(now - row.last_token_time)
+            row.last_token_time = now
+            wake.setdefault(stream.loop, []).append(stream)
+            delivered += 1
+            if finish is not None:
+                self._row_finished(batch, row)
+        if which is None:
+            batch.tokens = ids.astype(np.int32, copy=True)
+            batch.position += 1
+        elif len(which):
+            batch.tokens[which] = ids[which]
+            batch.position[which] += 1
+        if mm is not None and delivered:
+            mm.generated_tokens.inc(delivered)
+
+    def _prefill(self, batch: _Batch, new_rows: list[_Row]) -> None:
+        """No row is running: prefill all new prompts in one call and sample their first tokens."""
+        model = batch.model
+        n = len(new_rows)
+        lengths = np.array([len(r.prompt_ids) for r in new_rows], np.int32)
+        tokens = np.zeros((n, int(lengths.max())), np.int32)
+        for i, row in enumerate(new_rows):
+            tokens[i, : lengths[i]] = row.prompt_ids
+            row.cursor = len(row.prompt_ids)
+        self._set_rows(batch, new_rows, np.zeros(n, np.int32), np.zeros(n, np.int64))
+        started = time.perf_counter()
+        ids_t, logprobs_t, batch.state = model.prefill_sample(
+            tokens, lengths, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.position
+        )
+        ids = ids_t.numpy()
+        logprobs = logprobs_t.numpy()
+        if self.metrics is not None:
+            mm = self._mm(model.name)
+            mm.step_duration.observe(time.perf_counter() - started)
+            mm.batch_size.observe(n)
+        self.steps += 1
+        self._deliver(batch, ids, logprobs, None)
+
+    def _append_riding(self, batch: _Batch, new_rows: list[_Row]) -> None:
+        """New rows join the running batch with a zero state, feeding their prompt one token per step."""
+        n = len(new_rows)
+        first = np.array([r.prompt_ids[0] for r in new_rows], np.int32)
+        left = np.array([len(r.prompt_ids) - 1 for r in new_rows], np.int64)
+        zeros = tf.zeros([n, batch.model.state_size], tf.float32)
+        old_state = batch.state
+        self._set_rows(batch, new_rows, first, left)
+        batch.state = zeros if old_state is None or not int(old_state.shape[0]) else tf.concat([old_state, zeros], 0)
+
+    def _set_rows(self, batch: _Batch, new_rows: list[_Row], first: np.ndarray, left: np.ndarray) -> None:
+        params = [r.stream.params for r in new_rows]
+        add = {
+            "tokens": first,
+            "temperature": np.array([p.temperature for p in params], np.float32),
+            "top_k": np.array([p.top_k for p in params], np.int32),
+            "top_p": np.array([p.top_p for p in params], np.float32),
+            "seed": np.array([_as_int64(r.stream.seed) for r in new_rows], np.int64),
+            "position": np.zeros(len(new_rows), np.int64),
+            "deadline": np.array(
+                [np.inf if r.stream.deadline is None else r.stream.deadline for r in new_rows], np.float64
+            ),
+            "prompt_left": left,
+        }
+        for name in _Batch.ARRAYS:
+            setattr(batch, name, np.concatenate([getattr(batch, name), add[name]]))
+        batch.rows.extend(new_rows)
+
+    def _compact(self, batch: _Batch) -> None:
+        """Drop finished rows: one gather of the state, one fancy index per array."""
+        if not any(r.done for r in batch.rows):
+            return
+        keep = [i for i, r in enumerate(batch.rows) if not r.done]
+        batch.rows = [batch.rows[i] for i in keep]
+        index = np.array(keep, np.int64)
+        for name in _Batch.ARRAYS:
+            setattr(batch, name, getattr(batch, name)[index])
+        batch.state = tf.gather(batch.state, index) if keep else None
+
+    # ------------------------------------------------------------ finishing
+    def _row_finished(self, batch: _Batch, row: _Row) -> None:
+        row.done = True
+        self._rows_by_stream.pop(row.stream, None)
+        with self._cond:
+            self._n_active -= 1
+        row.stream.model.release()
+
+    def _finish_stream(self, stream: Stream, reason: str, now: float, error: str | None = None) -> None:
+        """End a stream that is waiting or running, without a new token."""
+        entry = self._rows_by_stream.get(stream)
+        emit = ""
+        if entry is not None and reason not in ("cancelled", "error"):
+            emit = entry[1].criteria.flush()  # held-back text that can no longer become a stop
+        if not stream._end(reason, emit, error):
+            return
+        self._wake.setdefault(stream.loop, []).append(stream)
+        if entry is not None:
+            self._row_finished(entry[0], entry[1])
+        else:
+            with self._cond:
+                self._n_waiting -= 1
+            stream.model.release()
+
+    def _fail_everything(self, message: str) -> None:
+        now = time.monotonic()
+        for batch in list(self._batches.values()):
+            for row in batch.rows:
+                self._finish_stream(row.stream, "error", now, error=message)
+        self._batches.clear()
+        for stream in self._waiting:
+            self._finish_stream(stream, "error", now, error=message)
+        self._waiting.clear()
+
+    def _shutdown(self) -> None:
+        now = time.monotonic()
+        for batch in list(self._batches.values()):
+            for row in batch.rows:
+                self._finish_stream(row.stream, "cancelled", now)
+        self._batches.clear()
+        with self._cond:
+            incoming, self._incoming = self._incoming, []
+        for stream in list(self._waiting) + incoming:
+            self._finish_stream(stream, "cancelled", now)
+        self._waiting.clear()
+        self._flush_wakeups()
+        self._set_gauges()
+
+    # ------------------------------------------------------------ wake-ups and gauges
+    def _flush_wakeups(self) -> None:
+        if not self._wake:
+            return
+        wake, self._wake = self._wake, {}
+        for loop, streams in wake.items():
+            try:
+                loop.call_soon_threadsafe(_wake_streams, streams)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _mm(self, name: str) -> _ModelMetrics:
+        mm = self._model_metrics.get(name)
+        if mm is None:
+            assert self.metrics is not None
+            mm = self._model_metrics[name] = _ModelMetrics(self.metrics, name)
+        return mm
+
+    def _set_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        active: collections.Counter[str] = collections.Counter()
+        waiting: collections.Counter[str] = collections.Counter()
+        for batch in self._batches.values():
+            active[batch.model.name] += sum(1 for r in batch.rows if not r.done)
+        for stream in self._waiting:
+            if not stream.finished:
+                waiting[stream.model.name] += 1
+        names = set(active) | set(waiting) | self._gauge_names
+        for name in names:
+            mm = self._mm(name)
+            mm.active_sequences.set(active[name])
+            mm.waiting_requests.set(waiting[name])
+        self._gauge_names = set(active) | set(waiting)
+
+
+def _wake_streams(streams: list[Stream]) -> None:
+    for stream in streams:
+        stream._wake()

@@ -1,0 +1,269 @@
+"""The engine with a real tiny model, driven from an asyncio loop in the test (no gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from service.engine import CapacityError, Chunk, Engine, EngineClosedError, EngineConfig, Stream
+from service.metrics import ServingMetrics
+from service.model_repository import LoadedModel, ModelRepository
+from service.sampling import SamplingParams
+
+PROMPT = "The object "
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_repo) -> LoadedModel:
+    repo = ModelRepository(str(tiny_model_repo), warmup_batch_sizes=(1, 8))
+    repo.load_all()
+    return repo.resolve("", 0)
+
+
+@pytest.fixture(scope="module")
+def word_model(tiny_word_model_repo) -> LoadedModel:
+    repo = ModelRepository(str(tiny_word_model_repo))
+    repo.load_all()
+    return repo.resolve("", 0)
+
+
+@pytest.fixture
+def metrics() -> ServingMetrics:
+    return ServingMetrics()
+
+
+@pytest.fixture
+def engine(metrics) -> Iterator[Engine]:
+    engine = Engine(EngineConfig(max_concurrent=64, max_queue=64, max_batch_size=64), metrics)
+    engine.start()
+    yield engine
+    engine.stop(5.0)
+
+
+async def collect(stream: Stream, delay: float = 0.0) -> tuple[str, list[Chunk]]:
+    chunks = []
+    while True:
+        chunk = await stream.next_chunk()
+        chunks.append(chunk)
+        if chunk.finish_reason is not None:
+            return "".join(c.text for c in chunks), chunks
+        if delay:
+            await asyncio.sleep(delay)
+
+
+def generate(engine: Engine, model: LoadedModel, prompt: str, params: SamplingParams) -> tuple[str, list[Chunk]]:
+    async def run() -> tuple[str, list[Chunk]]:
+        return await collect(engine.submit(model, prompt, params, asyncio.get_running_loop()))
+
+    return asyncio.run(run())
+
+
+def sample_value(metrics: ServingMetrics, name: str, labels: dict[str, str]) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_max_tokens_is_exact_with_length(engine, model, metrics):
+    text, chunks = generate(engine, model, PROMPT, SamplingParams(max_tokens=17, seed=3, include_tokens=True))
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.completion_tokens == 17
+    assert last.prompt_tokens == len(model.tokenizer.encode(PROMPT))
+    ids = [i for c in chunks for i in c.token_ids]
+    assert len(ids) == 17
+    assert text == model.tokenizer.decode(ids)  # char level: the text is the tokens
+    assert len([lp for c in chunks for lp in c.logprobs]) == 17
+    assert all(lp <= 0.0 for c in chunks for lp in c.logprobs)
+    assert last.time_to_first_token is not None and last.time_to_first_token >= 0
+    assert sample_value(metrics, "textgen_generated_tokens_total", {"model": "tiny"}) == 17
+    assert wait_until(lambda: engine.active == 0 and engine.waiting == 0)
+
+
+def test_greedy_is_deterministic_and_top_k_one_equals_greedy(engine, model):
+    greedy = generate(engine, model, PROMPT, SamplingParams(max_tokens=40, temperature=0.0))[0]
+    assert generate(engine, model, PROMPT, SamplingParams(max_tokens=40, temperature=0.0))[0] == greedy
+    assert generate(engine, model, PROMPT, SamplingParams(max_tokens=40, temperature=1.3, top_k=1))[0] == greedy
+
+
+def test_stop_sequence_is_excluded_with_stop(engine, model):
+    # Take a greedy continuation, pick a stop string from its middle: generation must end right before it.
+    full = generate(engine, model, PROMPT, SamplingParams(max_tokens=60, temperature=0.0))[0]
+    stop = full[20:23]
+    cut = full.index(stop)
+    text, chunks = generate(engine, model, PROMPT, SamplingParams(max_tokens=60, temperature=0.0, stop=(stop,)))
+    assert chunks[-1].finish_reason == "stop"
+    assert text == full[:cut]
+    assert stop not in text
+
+
+def test_empty_prompt_starts_from_the_start_state(engine, model):
+    text, chunks = generate(engine, model, "", SamplingParams(max_tokens=10, seed=1))
+    assert chunks[-1].prompt_tokens == 0
+    assert chunks[-1].completion_tokens == 10
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_crowd(engine, model):
+    params = SamplingParams(max_tokens=50, temperature=1.0, top_p=0.95, seed=424242)
+    alone = generate(engine, model, PROMPT, params)[0]
+
+    async def crowd() -> str:
+        loop = asyncio.get_running_loop()
+        others = [
+            engine.submit(model, f"x{i} " * (i + 1), SamplingParams(max_tokens=80, temperature=1.5), loop)
+            for i in range(8)
+        ]
+        await asyncio.sleep(0.05)  # the others are running (and prompting) when ours arrives
+        ours = engine.submit(model, PROMPT, params, loop)
+        results = await asyncio.gather(collect(ours), *(collect(s) for s in others))
+        return results[0][0]
+
+    assert asyncio.run(crowd()) == alone
+
+
+def test_unseeded_requests_differ(engine, model):
+    params = SamplingParams(max_tokens=40, temperature=1.0)
+    assert generate(engine, model, PROMPT, params)[0] != generate(engine, model, PROMPT, params)[0]
+
+
+def test_sixteen_streams_share_steps(engine, model, metrics):
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        streams = [engine.submit(model, PROMPT, SamplingParams(max_tokens=30, seed=i), loop) for i in range(16)]
+        return [t for t, _ in await asyncio.gather(*(collect(s) for s in streams))]
+
+    steps_before = engine.steps
+    texts = asyncio.run(run())
+    assert len(texts) == 16 and len(set(texts)) > 1
+    # 16 x 30 tokens in far fewer than 16 x 30 steps, and batches above 1 were recorded.
+    assert engine.steps - steps_before < 16 * 30 / 2
+    at_most_one = sample_value(metrics, "textgen_batch_size_bucket", {"model": "tiny", "le": "1.0"})
+    total = sample_value(metrics, "textgen_batch_size_count", {"model": "tiny"})
+    assert total > at_most_one
+    assert sample_value(metrics, "textgen_generated_tokens_total", {"model": "tiny"}) == 16 * 30
+
+
+def test_cancel_frees_the_row_quickly(engine, model, metrics):
+    async def run() -> Chunk:
+        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop())
+        await stream.next_chunk()
+        assert engine.active == 1
+        stream.cancel()
+        _, chunks = await collect(stream)
+        return chunks[-1]
+
+    last = asyncio.run(run())
+    assert last.finish_reason == "cancelled"
+    assert wait_until(lambda: engine.active == 0, 1.0)
+    assert wait_until(lambda: sample_value(metrics, "textgen_active_sequences", {"model": "tiny"}) == 0, 1.0)
+
+
+def test_deadline_frees_the_row_quickly(engine, model):
+    async def run() -> Chunk:
+        deadline = time.monotonic() + 0.2
+        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop(), deadline)
+        _, chunks = await collect(stream)
+        return chunks[-1]
+
+    began = time.monotonic()
+    last = asyncio.run(run())
+    assert last.finish_reason == "deadline"
+    assert last.completion_tokens > 0
+    assert time.monotonic() - began < 2.0
+    assert wait_until(lambda: engine.active == 0, 1.0)
+
+
+def test_capacity_error_at_once_when_full(model):
+    engine = Engine(EngineConfig(max_concurrent=2, max_queue=1, max_batch_size=2))
+    engine.start()
+    try:
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            streams = [engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), loop) for _ in range(3)]
+            for _ in range(3):  # three waves: full, refused at once, freed, full again
+                began = time.monotonic()
+                with pytest.raises(CapacityError, match="max_concurrent 2 \\+ max_queue 1"):
+                    engine.submit(model, PROMPT, SamplingParams(max_tokens=5), loop)
+                assert time.monotonic() - began < 0.1
+                streams[0].cancel()
+                await collect(streams[0])
+                streams = streams[1:] + [engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), loop)]
+            for s in streams:
+                s.cancel()
+                await collect(s)
+
+        asyncio.run(run())
+        assert wait_until(lambda: engine.active == 0 and engine.waiting == 0)
+    finally:
+        engine.stop(5.0)
+
+
+def test_slow_consumer_gets_coalesced_chunks(engine, model):
+    async def run() -> tuple[str, list[Chunk]]:
+        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=200, seed=5), asyncio.get_running_loop())
+        return await collect(stream, delay=0.05)
+
+    text, chunks = asyncio.run(run())
+    assert chunks[-1].completion_tokens == 200
+    assert len(chunks) < 100  # 200 tokens arrived in far fewer messages
+    assert max(len(c.text) for c in chunks) > 1
+    fast = generate(engine, model, PROMPT, SamplingParams(max_tokens=200, seed=5))[0]
+    assert text == fast
+
+
+def test_close_refuses_new_requests_and_running_streams_finish(model):
+    engine = Engine(EngineConfig())
+    engine.start()
+    try:
+
+        async def run() -> Chunk:
+            loop = asyncio.get_running_loop()
+            stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=30), loop)
+            engine.close()
+            with pytest.raises(EngineClosedError):
+                engine.submit(model, PROMPT, SamplingParams(max_tokens=30), loop)
+            return (await collect(stream))[1][-1]
+
+        assert asyncio.run(run()).finish_reason == "length"
+    finally:
+        engine.stop(5.0)
+
+
+def test_batch_size_one_runs_one_sequence_per_step(model, metrics):
+    engine = Engine(EngineConfig(max_batch_size=1), metrics)
+    engine.start()
+    try:
+
+        async def run() -> list[str]:
+            loop = asyncio.get_running_loop()
+            streams = [engine.submit(model, PROMPT, SamplingParams(max_tokens=10, seed=i), loop) for i in range(3)]
+            return [t for t, _ in await asyncio.gather(*(collect(s) for s in streams))]
+
+        assert len(asyncio.run(run())) == 3
+        total = sample_value(metrics, "textgen_batch_size_count", {"model": "tiny"})
+        at_most_one = sample_value(metrics, "textgen_batch_size_bucket", {"model": "tiny", "le": "1.0"})
+        assert total == at_most_one > 0
+    finally:
+        engine.stop(5.0)
+
+
+def test_word_model_generates_spaced_words(engine, word_model):
+    text, chunks = generate(engine, word_model, "The value of", SamplingParams(max_tokens=30, temperature=0.0))
+    assert chunks[-1].completion_tokens == 30
+    assert text.startswith(" ") or text[:1] in ".,;:!?)\n"  # a new word after "of" is spaced
+    assert "  " not in text
+    words = text.split()
+    assert len(words) >= 10
