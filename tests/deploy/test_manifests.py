@@ -569,3 +569,44 @@ def dockerignore_includes(path: str) -> bool:
         if any(fnmatchcase(p, g) or g == "**" for p in prefixes for g in globs):
             included = negate
     return included
+
+
+def test_build_stage_makes_a_package_with_stubs_from_the_copied_source_alone(tmp_path: Path) -> None:
+    """The build stage offline: only what the Dockerfile COPYs, stubs regenerated, then a wheel."""
+    context = tmp_path / "src"
+    context.mkdir()
+    for word, rest in dockerfile_instructions():
+        if word != "COPY" or rest.startswith("--from="):
+            continue
+        *sources, dest = rest.split()
+        for source in sources:
+            origin = ROOT / source
+            target = context / (source if dest.endswith("/") and dest != "./" else origin.name)
+            if origin.is_dir():
+                shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models"))
+            else:
+                shutil.copy2(origin, target)
+    shutil.rmtree(context / "service" / "api")  # the stubs must come from the .proto, as in the image
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(
+        [sys.executable, "-m", "service.protogen"], cwd=context, env=env, check=True, capture_output=True, timeout=60
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", "dist", "."],
+        cwd=context,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    import zipfile
+
+    (wheel,) = (context / "dist").glob("textgen-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert {"service/api/textgen_pb2.py", "service/api/textgen_pb2_grpc.py", "training/export.py"} <= names
+    assert "textgen = service.cli:main" in entry_points
+    assert not any("saved_model.pb" in n or n.startswith("models/") for n in names)
