@@ -326,6 +326,7 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
                 epochs=config.epochs,
                 initial_epoch=progress.epochs_done,
                 callbacks=callbacks,
+                shuffle=False,  # the dataset shuffles its windows itself
                 verbose=1 if chief else 2,
             )
     else:
