@@ -4,9 +4,9 @@ Everything here runs in the harness's own process on one exported model:
 
 * ``export_bench_model`` builds an untrained char model (speed does not depend
   on the weights) and exports it under the SavedModel contract;
-* ``measure_batched`` times the serving decode step (``step`` + in-graph
-  sampling, sampled ids fetched to the host every step, as the engine does)
-  at several batch sizes;
+* ``measure_batched`` times the serving decode step (the model repository's
+  ``step`` + in-graph sampler, sampled ids fetched to the host every step, as
+  the engine does) at several batch sizes;
 * ``measure_seed_loop`` times the seed tutorials' loop: ``model.predict`` on
   the whole window for every token;
 * ``measure_onestep`` times the TF tutorial's OneStep: one stateful step call
@@ -94,18 +94,21 @@ def export_bench_model(models_dir: str, spec: ModelSpec) -> BenchModel:
 
 
 DecodeFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+# Given a batch size, a function that runs one decode step for the whole batch
+# (sampled ids fetched to the host, as the engine must to hand them out).
+StepRunner = Callable[[int], Callable[[], None]]
 
 
 def stand_in_decode(loaded: Any, temperature: float) -> DecodeFn:
-    """``step`` + temperature sampling in one ``tf.function``: the OneStep shape of a decode step."""
+    """``step`` + temperature sampling in one ``tf.function``: the TF tutorial's OneStep."""
     temp = tf.constant(temperature, tf.float32)
-    # `decode` refers to `loaded` itself (not just its signature) so the variables stay alive.
 
     @tf.function(
         input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)],
         reduce_retracing=True,
     )
     def decode(tokens: tf.Tensor, state: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # `loaded` itself (not just its signature) is captured so the variables stay alive.
         out = loaded.signatures["step"](tokens=tokens, state=state)
         ids = tf.random.categorical(out["logits"] / temp, 1, dtype=tf.int32)[:, 0]  # (b,)
         return ids, out["state"]
@@ -113,13 +116,63 @@ def stand_in_decode(loaded: Any, temperature: float) -> DecodeFn:
     return decode
 
 
-def engine_decode(path: str, temperature: float) -> tuple[DecodeFn, str]:
-    """The decode function the serving engine runs, and a name saying which one it is.
+def _stand_in_runner(path: str, state_size: int, temperature: float) -> StepRunner:
+    decode = stand_in_decode(tf.saved_model.load(path), temperature)
 
-    Until the engine exposes its compiled step this is ``stand_in_decode``.
+    def runner(batch: int) -> Callable[[], None]:
+        tokens = tf.constant(np.full([batch], 2, np.int32))
+        state = tf.zeros([batch, state_size], tf.float32)
+
+        def one() -> None:
+            nonlocal tokens, state
+            ids, state = decode(tokens, state)
+            tokens = tf.constant(ids.numpy())
+
+        return one
+
+    return runner
+
+
+def _serving_runner(path: str, temperature: float) -> StepRunner:
+    """The serving decode function: ``LoadedModel.decode`` from the model repository (step + in-graph sampler)."""
+    from service.model_repository import load_model
+
+    model = load_model(BENCH_MODEL_NAME, 1, path)
+
+    def runner(batch: int) -> Callable[[], None]:
+        tokens = tf.constant(np.full([batch], 2, np.int32))
+        state = tf.zeros([batch, model.state_size], tf.float32)
+        temp = tf.fill([batch], np.float32(temperature))
+        top_k = tf.zeros([batch], tf.int32)
+        top_p = tf.ones([batch], tf.float32)
+        seed = tf.range(1, batch + 1, dtype=tf.int64)
+        position = 0
+
+        def one() -> None:
+            nonlocal tokens, state, position
+            pos = tf.fill([batch], np.int64(position))
+            ids, _logprobs, state = model.decode(tokens, state, temp, top_k, top_p, seed, pos)
+            tokens = tf.constant(ids.numpy())
+            position += 1
+
+        return one
+
+    return runner
+
+
+def engine_runner(path: str, state_size: int, temperature: float) -> tuple[StepRunner, str]:
+    """The decode step the serving engine runs, and a name saying which one was measured.
+
+    That is the model repository's ``LoadedModel.decode``; without it (the
+    service package missing or changed) the OneStep stand-in is measured and
+    the name says so.
     """
-    loaded = tf.saved_model.load(path)
-    return stand_in_decode(loaded, temperature), "stand-in: step signature + tf.random.categorical"
+    try:
+        runner = _serving_runner(path, temperature)
+        runner(1)()  # one real call proves the signature matches
+        return runner, "service.model_repository LoadedModel.decode (step + in-graph sampler)"
+    except (ImportError, AttributeError, TypeError) as e:
+        return _stand_in_runner(path, state_size, temperature), f"stand-in: step + tf.random.categorical ({e})"
 
 
 def _bounded_run(step_once: Callable[[], None], max_steps: int, seconds: float) -> tuple[int, float]:
@@ -134,15 +187,8 @@ def _bounded_run(step_once: Callable[[], None], max_steps: int, seconds: float) 
     return n, time.perf_counter() - start
 
 
-def _batch_rate(decode: DecodeFn, batch: int, state_size: int, config: EngineBenchConfig) -> dict[str, Any]:
-    tokens = tf.constant(np.full([batch], 2, np.int32))
-    state = tf.zeros([batch, state_size], tf.float32)
-
-    def one() -> None:
-        nonlocal tokens, state
-        ids, state = decode(tokens, state)
-        tokens = tf.constant(ids.numpy())  # the engine hands every sampled id to its request on the host
-
+def _batch_rate(runner: StepRunner, batch: int, config: EngineBenchConfig) -> dict[str, Any]:
+    one = runner(batch)
     for _ in range(2):  # trace and warm up
         one()
     rates, step_ms = [], []
@@ -160,8 +206,8 @@ def _batch_rate(decode: DecodeFn, batch: int, state_size: int, config: EngineBen
 
 def measure_batched(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
     """Tokens/s of the decode step at each batch size (median over repeats)."""
-    decode, kind = engine_decode(bench.path, config.temperature)
-    rows = [_batch_rate(decode, batch, bench.state_size, config) for batch in config.batch_sizes]
+    runner, kind = engine_runner(bench.path, bench.state_size, config.temperature)
+    rows = [_batch_rate(runner, batch, config) for batch in config.batch_sizes]
     return {"decode_fn": kind, "rows": rows}
 
 

@@ -1,0 +1,126 @@
+"""The benchmark harness end to end at tiny sizes, and its statistics on hand-made arrivals.
+
+``textgen bench --quick`` builds a 16-unit model, measures the engine and both
+baselines, starts real servers (batched and ``--max-batch-size 1``) as
+subprocesses, drives them with the load generator over real gRPC and writes
+the report; the test checks every figure the report promises is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.e2e_bench import StreamRecord, percentile, summarize
+from benchmarks.interference import itl_in_window
+from benchmarks.report import targets
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_percentile_interpolates_and_handles_empty() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
+
+
+def test_coalesced_message_counts_as_spread_tokens() -> None:
+    # first message at 0.1 s (1 token), then 3 tokens together 0.3 s later
+    record = StreamRecord(start=0.0, arrivals=[(0.1, 1), (0.4, 3)], completion_tokens=4, finished=True)
+    assert record.ttft == pytest.approx(0.1)
+    assert record.itl_samples() == pytest.approx([0.1, 0.1, 0.1])
+    failed = StreamRecord(start=0.0, error="RESOURCE_EXHAUSTED")
+    summary = summarize([record, failed])
+    assert summary["tokens"] == 4
+    assert summary["errors"] == 1
+    assert summary["error_codes"] == {"RESOURCE_EXHAUSTED": 1}
+    assert summary["completed"] == 1
+    assert summary["tokens_per_s"] == pytest.approx(4 / 0.4)
+    assert summary["ttft_ms_p50"] == pytest.approx(100.0)
+
+
+def test_interference_window_keeps_only_gaps_ending_inside() -> None:
+    record = StreamRecord(start=0.0, arrivals=[(1.0, 1), (1.5, 1), (2.5, 2), (4.0, 1)])
+    assert itl_in_window([record], 1.2, 3.0) == pytest.approx([500.0, 500.0, 500.0])
+
+
+def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float):
+    level = {"streams": 64, "tokens_per_s": e2e_64, "errors": 0, "server_rss_kb_per_stream": 10.0}
+    return {
+        "config": {"reference_streams": 64, "capacity_streams": 1000},
+        "engine": {
+            "batched": {"rows": [{"batch": 64, "tokens_per_s": engine_64}]},
+            "seed_loop": {"tokens_per_s": seeds},
+        },
+        "e2e": {
+            "batched": {"levels": [level, dict(level, streams=1000, errors=3, server_rss_kb_per_stream=70.0)]},
+            "max_batch_size_1": {"levels": [{"streams": 64, "tokens_per_s": mbs1_64}]},
+        },
+        "interference": {"with_arrivals": {"itl_ms_p99": p99_with}, "without_arrivals": {"itl_ms_p50": p50_without}},
+    }
+
+
+def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
+    good = {t.name: t for t in targets(_results(10_000, 1_000, 15_000, 10, 3.9, 2.0))}
+    assert [t.passed for t in good.values()] == [True, True, True, True, False, False]
+    bad = [t.passed for t in targets(_results(7_000, 1_000, 12_000, 10, 4.1, 2.0))]
+    assert bad[:4] == [False, False, False, False]
+    missing = targets({"config": {"reference_streams": 64, "capacity_streams": 1000}})
+    assert all(t.passed is None for t in missing)
+
+
+@pytest.mark.timeout(600)
+def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "--out", str(out), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+
+    engine = results["engine"]
+    assert [r["batch"] for r in engine["batched"]["rows"]] == [1, 4]
+    assert all(r["tokens_per_s"] > 0 for r in engine["batched"]["rows"])
+    assert "LoadedModel.decode" in engine["batched"]["decode_fn"]  # the serving step, not the stand-in
+    assert engine["seed_loop"]["ms_per_token"] > 0
+    assert engine["onestep"]["ms_per_token"] > 0
+
+    for key in ("batched", "max_batch_size_1"):
+        part = results["e2e"][key]
+        assert "error" not in part
+        assert [lv["streams"] for lv in part["levels"]] == [1, 4]
+        for level in part["levels"]:
+            assert level["errors"] == 0, level["error_codes"]
+            assert level["completed"] == level["requests"] == level["streams"]
+            assert level["tokens"] == level["streams"] * level["max_tokens"]
+            assert level["tokens_per_s"] > 0
+            for field in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "server_rss_kb_per_stream"):
+                assert level[field] is not None and level[field] >= 0, field
+            assert level["server_rss_kb_peak"] > 0
+
+    inter = results["interference"]
+    assert inter["with_arrivals"]["arrivals"] > 0 and inter["without_arrivals"]["arrivals"] == 0
+    for phase in ("with_arrivals", "without_arrivals"):
+        assert inter[phase]["itl_samples"] > 0
+        assert inter[phase]["running_errors"] == 0
+    assert inter["with_arrivals"]["arrival_errors"] == 0
+
+    assert len(results["targets"]) == 6
+    assert all(t["passed"] is not None for t in results["targets"])  # every target was measured
+    assert results["machine"]["nproc"] >= 1
+    assert "### Targets" in (out / "table.md").read_text()
+    for png in ("throughput.png", "latency.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png
