@@ -277,7 +277,12 @@ def test_prometheus_scrapes_a_real_server_and_answers_the_ttft_quantile(
 
     # A rate needs the counters to grow between two scrapes: one request, a scrape, then more.
     assert generate(port, seed=1)
-    wait_for("Prometheus to scrape the first request", lambda: api.scalar("sum(textgen_requests_total)"), 30, logs)
+    wait_for(
+        "Prometheus to scrape the first request",
+        lambda: True if (api.scalar("sum(textgen_requests_total)") or 0) >= 1 else None,
+        30,
+        logs,
+    )
     assert generate(port, seed=2) and generate(port, seed=3)
     wait_for(
         "Prometheus to scrape all three requests",
