@@ -610,3 +610,13 @@ def test_build_stage_makes_a_package_with_stubs_from_the_copied_source_alone(tmp
     assert {"service/api/textgen_pb2.py", "service/api/textgen_pb2_grpc.py", "training/export.py"} <= names
     assert "textgen = service.cli:main" in entry_points
     assert not any("saved_model.pb" in n or n.startswith("models/") for n in names)
+
+
+def test_deploy_docs_name_only_files_and_kustomizations_that_exist() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"(?<![\w/])((?:deploy|tests/deploy)/[\w./-]*[\w/])", text))
+    assert "deploy/Dockerfile" in paths and "deploy/k8s/base" in paths
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"docs/deploy.md names paths that do not exist: {missing}"
+    for applied in re.findall(r"kubectl apply -k (\S+)", text):
+        assert (ROOT / applied / "kustomization.yaml").is_file(), applied
