@@ -263,6 +263,7 @@ def test_models_volume_is_read_only_for_serving_and_read_write_for_training() ->
     assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly")
     out = next(a.split("=", 1)[1] for a in only_container(job)["args"] if a.startswith("--out="))
     assert Path(out).parent == Path(mount["mountPath"]), "training must export onto the model volume"
+    assert Path(out).name == server_config_map(base)["TEXTGEN_DEFAULT_MODEL"], "serving defaults to what is trained"
 
 
 def test_config_map_holds_only_settings_the_server_understands() -> None:
