@@ -1,0 +1,232 @@
+"""``textgen serve``: the grpc.aio server with health, reflection, Prometheus metrics and graceful shutdown.
+
+``Server(config)`` wires one model repository, one engine, one servicer and one
+metrics registry together; ``await server.start()`` binds the ports (port 0 picks
+free ones, reported as ``server.port`` / ``server.metrics_port``), loads the models
+in a worker thread (never on the event loop) and turns health SERVING when one is
+loaded. ``await server.shutdown()`` is the SIGTERM path: health NOT_SERVING, new
+RPCs UNAVAILABLE, running streams get ``grace_seconds`` to finish. Nothing lives in
+module globals, so tests run two servers in one process.
+
+    python -m service --models models --port 50051 --metrics-port 8000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service.api import textgen_pb2, textgen_pb2_grpc
+from service.config import ConfigError, ServerConfig, parse_config
+from service.engine import Engine, EngineConfig
+from service.metrics import ServingMetrics
+from service.model_repository import ModelRepository
+from service.servicer import TextGenerationServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = textgen_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments of the server."""
+    options = [("grpc.so_reuseport", 0)]  # two servers must never share a port by accident
+    if config.max_connection_age > 0:
+        # Clients reconnect now and then, so a k8s Service spreads them over new replicas.
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(max(config.grace_seconds, 1.0) * 1000)))
+    return options
+
+
+class Server:
+    """One serving process's worth of parts; start it in a running event loop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServingMetrics()
+        # Building the repository configures TensorFlow's devices: construct a Server off the event loop.
+        self.repository = ModelRepository(
+            config.models,
+            default_model=config.default_model,
+            metrics=self.metrics,
+            poll_seconds=config.poll_seconds,
+            keep_versions=config.keep_versions,
+            on_change=self._models_changed,
+        )
+        self.engine = Engine(
+            EngineConfig(
+                max_concurrent=config.max_concurrent,
+                max_queue=config.max_queue,
+                max_batch_size=config.max_batch_size,
+            ),
+            self.metrics,
+        )
+        self.servicer = TextGenerationServicer(config, self.repository, self.engine, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self.ready = asyncio.Event()
+        self._grpc: grpc.aio.Server | None = None
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Binds the ports, starts the engine and begins loading models in a worker thread."""
+        config = self.config
+        self._loop = asyncio.get_running_loop()
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, NOT_SERVING)
+        server = grpc.aio.server(options=grpc_options(config))
+        textgen_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"[{config.host}]" if ":" in config.host else config.host
+        try:
+            self.port = server.add_insecure_port(f"{address}:{config.port}")
+        except RuntimeError as exc:
+            raise OSError(f"could not bind the gRPC port {address}:{config.port}: {exc}") from exc
+        if self.port == 0:
+            raise OSError(f"could not bind the gRPC port {address}:{config.port}")
+        self._http, self._http_thread = start_http_server(
+            config.metrics_port, addr=config.host, registry=self.metrics.registry
+        )
+        self.metrics_port = int(self._http.server_port)
+        self.engine.start()
+        await server.start()
+        self._grpc = server
+        log.info(
+            "textgen serving gRPC on %s:%d, metrics on http://%s:%d/metrics",
+            config.host,
+            self.port,
+            config.host,
+            self.metrics_port,
+        )
+        self._tasks.append(asyncio.create_task(self._load_models(), name="textgen-load-models"))
+
+    async def _load_models(self) -> None:
+        """Loads the repository in a worker thread, then lets it poll for new versions in its own thread."""
+        try:
+            await asyncio.to_thread(self.repository.load_all)
+        except Exception:
+            log.exception("loading models from %s failed", self.config.models)
+        await self._update_readiness()
+        if not self.ready.is_set():
+            log.error(
+                "no model could be loaded from %s; health stays NOT_SERVING%s",
+                self.config.models,
+                " until a poll finds one" if self.config.poll_seconds > 0 else " (polling is off)",
+            )
+        if not self._stopping:
+            self.repository.start_polling()
+
+    def _models_changed(self) -> None:
+        """Called by the repository (from its thread) when the set of loaded versions changed."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._update_readiness(), loop)
+
+    async def _update_readiness(self) -> None:
+        if self.ready.is_set() or self._stopping or not self.repository.has_model():
+            return
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, SERVING)
+        self.ready.set()
+        log.info("ready: serving %s", ", ".join(f"{m.name}/{m.version}" for m in self.repository.loaded()))
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, new RPCs UNAVAILABLE, running streams get ``grace`` seconds."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("shutting down: running streams get %.1f s to finish", grace)
+        await self.health.enter_graceful_shutdown()
+        self.servicer.begin_shutdown()
+        self.engine.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.to_thread(self.repository.stop)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await asyncio.to_thread(self.engine.stop, 5.0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=5.0)
+        self._stopped.set()
+        log.info("stopped")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
+    """Runs a server until ``stop`` is set (or SIGTERM/SIGINT arrives), then shuts it down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    server = await asyncio.to_thread(Server, config)
+    try:
+        await server.start()
+        # One line a supervisor (or a test) can read to find the bound ports.
+        print(f"textgen: listening on port {server.port}, metrics on port {server.metrics_port}", flush=True)
+        await stop.wait()
+        await server.shutdown()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if not server.stopping:
+            await server.shutdown(grace=0)
+    return 0
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """``textgen serve``: parse flags over ``TEXTGEN_*`` variables and serve until SIGTERM/SIGINT."""
+    try:
+        config = parse_config(list(sys.argv[1:] if argv is None else argv), os.environ if environ is None else environ)
+    except ConfigError as exc:
+        print(f"textgen serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"textgen serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

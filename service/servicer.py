@@ -1,0 +1,329 @@
+"""The gRPC face of the service: validates requests, maps errors to status codes, protobuf in and out.
+
+The servicer never touches TensorFlow and never samples: it validates a request into
+``SamplingParams`` (``validate_request``, a pure function), hands it to the ``Engine``,
+and turns the engine's ``Chunk``s into ``GenerateResponse`` messages. Every failure
+goes through one place (``_status_of``), which picks the documented gRPC code,
+logs unexpected exceptions once, and never lets a request end as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from service.api import textgen_pb2, textgen_pb2_grpc
+from service.config import ServerConfig
+from service.engine import CapacityError, Chunk, Engine, EngineClosedError
+from service.metrics import ServingMetrics
+from service.model_repository import LoadedModel, ModelNotFoundError, ModelRepository, NoModelLoadedError
+from service.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_LENGTH = 128
+# The metric label used before a request has been resolved to a loaded model, so that
+# names sent by clients never become label values (unbounded cardinality).
+UNRESOLVED_MODEL = "unresolved"
+
+FINISH_REASONS = {
+    "length": textgen_pb2.FINISH_REASON_LENGTH,
+    "stop": textgen_pb2.FINISH_REASON_STOP,
+    "end": textgen_pb2.FINISH_REASON_END,
+}
+
+
+class RequestError(Exception):
+    """A request ends with this gRPC status code and message (raised by validation and the servicer)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The server's limits on one request (a slice of ``ServerConfig``)."""
+
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    max_prompt_bytes: int = 65536
+    max_stop_sequences: int = 16
+    max_stop_length: int = 256
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> RequestLimits:
+        return cls(
+            max_tokens_limit=config.max_tokens_limit,
+            default_max_tokens=config.default_max_tokens,
+            max_prompt_bytes=config.max_prompt_bytes,
+            max_stop_sequences=config.max_stop_sequences,
+            max_stop_length=config.max_stop_length,
+        )
+
+
+def validate_request(request: textgen_pb2.GenerateRequest, limits: RequestLimits) -> SamplingParams:
+    """Checks a request against the limits; returns its ``SamplingParams`` or raises INVALID_ARGUMENT.
+
+    Messages name the field, the value and the limit, e.g.
+    ``temperature must be a finite number >= 0, got nan``.
+    """
+    temperature = float(request.temperature)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise invalid(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    top_p = float(request.top_p)
+    if not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
+        raise invalid(f"top_p must be in [0, 1] (0 or 1 = off), got {top_p!r}")
+    if request.max_tokens > limits.max_tokens_limit:
+        raise invalid(
+            f"max_tokens must be <= {limits.max_tokens_limit} (the server's --max-tokens-limit), "
+            f"got {request.max_tokens}"
+        )
+    prompt_bytes = len(request.prompt.encode("utf-8", errors="surrogatepass"))
+    if prompt_bytes > limits.max_prompt_bytes:
+        raise invalid(
+            f"prompt must be at most {limits.max_prompt_bytes} bytes of UTF-8 (the server's --max-prompt-bytes), "
+            f"got {prompt_bytes} bytes"
+        )
+    stops = tuple(request.stop)
+    if len(stops) > limits.max_stop_sequences:
+        raise invalid(
+            f"stop must hold at most {limits.max_stop_sequences} sequences (the server's --max-stop-sequences), "
+            f"got {len(stops)}"
+        )
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise invalid(f"stop[{i}] must not be empty")
+        if len(stop) > limits.max_stop_length:
+            raise invalid(
+                f"stop[{i}] must be at most {limits.max_stop_length} characters (the server's --max-stop-length), "
+                f"got {len(stop)}"
+            )
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise invalid(f"request_id must be at most {MAX_REQUEST_ID_LENGTH} characters, got {len(request.request_id)}")
+    return SamplingParams(
+        max_tokens=request.max_tokens or limits.default_max_tokens,
+        temperature=temperature,
+        top_k=int(request.top_k),
+        top_p=1.0 if top_p == 0.0 else top_p,
+        seed=int(request.seed) if request.HasField("seed") else None,
+        stop=stops,
+        include_tokens=request.include_tokens,
+    )
+
+
+def _status_of(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The one place that maps an exception to the gRPC status a client sees."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.message
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, NoModelLoadedError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, EngineClosedError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is shutting down"
+    log.exception("request %s failed unexpectedly", request_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); request_id={request_id}"
+
+
+@dataclass
+class _Outcome:
+    """What the metrics need to know about a finished RPC."""
+
+    model: str = UNRESOLVED_MODEL
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
+    """Generate (streaming), Complete (one message) and ListModels over the engine and repository."""
+
+    def __init__(
+        self, config: ServerConfig, repository: ModelRepository, engine: Engine, metrics: ServingMetrics
+    ) -> None:
+        self._limits = RequestLimits.from_config(config)
+        self._request_timeout = config.request_timeout
+        self._repository = repository
+        self._engine = engine
+        self._metrics = metrics
+        self._shutting_down = False
+
+    def begin_shutdown(self) -> None:
+        """From now on new generation RPCs get UNAVAILABLE; running ones go on."""
+        self._shutting_down = True
+
+    # ------------------------------------------------------------------ RPCs
+    async def Generate(
+        self, request: textgen_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
+        outcome = _Outcome()
+        request_id = request.request_id or uuid.uuid4().hex
+        started = time.monotonic()
+        try:
+            async for response in self._generate(request, request_id, context, outcome, started):
+                yield response
+        except BaseException as exc:
+            await self._fail(exc, request_id, context, outcome)
+        finally:
+            self._record(outcome, started)
+
+    async def Complete(
+        self, request: textgen_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> textgen_pb2.GenerateResponse:
+        outcome = _Outcome()
+        request_id = request.request_id or uuid.uuid4().hex
+        started = time.monotonic()
+        try:
+            parts: list[textgen_pb2.GenerateResponse] = []
+            async for response in self._generate(request, request_id, context, outcome, started):
+                parts.append(response)
+            whole = textgen_pb2.GenerateResponse()
+            for part in parts:
+                whole.MergeFrom(part)  # scalars take the last value; tokens append
+            whole.text = "".join(p.text for p in parts)
+            return whole
+        except BaseException as exc:
+            await self._fail(exc, request_id, context, outcome)
+            raise AssertionError("unreachable: _fail always raises") from exc
+        finally:
+            self._record(outcome, started)
+
+    async def ListModels(
+        self, request: textgen_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> textgen_pb2.ListModelsResponse:
+        try:
+            return textgen_pb2.ListModelsResponse(
+                models=[_model_info(m) for m in self._repository.loaded()],
+                max_tokens_limit=self._limits.max_tokens_limit,
+                max_prompt_bytes=self._limits.max_prompt_bytes,
+            )
+        except BaseException as exc:
+            await self._fail(exc, "ListModels", context, _Outcome())
+            raise AssertionError("unreachable: _fail always raises") from exc
+
+    # ------------------------------------------------------------------ the generation itself
+    async def _generate(
+        self,
+        request: textgen_pb2.GenerateRequest,
+        request_id: str,
+        context: grpc.aio.ServicerContext,
+        outcome: _Outcome,
+        started: float,
+    ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
+        if self._shutting_down:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        params = validate_request(request, self._limits)
+        model = self._repository.resolve(request.model, int(request.model_version))
+        outcome.model = model.name
+        stream = self._engine.submit(
+            model, request.prompt, params, asyncio.get_running_loop(), deadline=self._deadline(context, started)
+        )
+        # However the RPC ends (even while a message is being written), the row leaves the batch.
+        context.add_done_callback(lambda _: stream.cancel())
+        try:
+            while True:
+                chunk = await stream.next_chunk()
+                if chunk.finish_reason is None:
+                    if chunk.text or chunk.token_ids:
+                        yield self._response(chunk, request_id, model)
+                    continue
+                self._raise_for_unfinished(chunk, request_id)
+                last = self._response(chunk, request_id, model)
+                last.finish_reason = FINISH_REASONS[chunk.finish_reason]
+                last.usage.prompt_tokens = chunk.prompt_tokens
+                last.usage.completion_tokens = chunk.completion_tokens
+                last.usage.time_to_first_token_seconds = chunk.time_to_first_token or 0.0
+                last.usage.total_seconds = time.monotonic() - started
+                yield last
+                return
+        finally:
+            # Client gone, deadline passed, or any error: the row leaves the batch at the next step.
+            stream.cancel()
+
+    def _deadline(self, context: grpc.aio.ServicerContext, started: float) -> float | None:
+        """The engine's deadline (time.monotonic based): the client's, or the server's default."""
+        candidates = []
+        remaining = context.time_remaining()
+        if remaining is not None:
+            candidates.append(time.monotonic() + remaining)
+        if self._request_timeout > 0:
+            candidates.append(started + self._request_timeout)
+        return min(candidates) if candidates else None
+
+    @staticmethod
+    def _raise_for_unfinished(chunk: Chunk, request_id: str) -> None:
+        if chunk.finish_reason in FINISH_REASONS:
+            return
+        if chunk.finish_reason == "deadline":
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
+        if chunk.finish_reason == "cancelled":
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the request was cancelled by the server (shutting down)")
+        if chunk.finish_reason == "error":
+            log.error("request %s failed in the engine: %s", request_id, chunk.error)
+            raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {chunk.error}; request_id={request_id}")
+        raise RequestError(grpc.StatusCode.INTERNAL, f"engine finished with unknown reason {chunk.finish_reason!r}")
+
+    @staticmethod
+    def _response(chunk: Chunk, request_id: str, model: LoadedModel) -> textgen_pb2.GenerateResponse:
+        response = textgen_pb2.GenerateResponse(
+            text=chunk.text, request_id=request_id, model=model.name, model_version=model.version
+        )
+        if chunk.token_ids:
+            response.tokens.extend(
+                textgen_pb2.Token(id=i, text=t, logprob=p)
+                for i, t, p in zip(chunk.token_ids, chunk.token_texts, chunk.logprobs, strict=False)
+            )
+        return response
+
+    # ------------------------------------------------------------------ errors and metrics
+    async def _fail(
+        self, exc: BaseException, request_id: str, context: grpc.aio.ServicerContext, outcome: _Outcome
+    ) -> None:
+        """Ends the RPC with the status ``exc`` maps to; re-raises cancellation and aborts as they are."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        code, message = _status_of(exc, request_id)
+        outcome.code = code
+        await context.abort(code, message)
+
+    def _record(self, outcome: _Outcome, started: float) -> None:
+        self._metrics.requests_total.labels(model=outcome.model, code=outcome.code.name).inc()
+        self._metrics.request_duration.labels(model=outcome.model).observe(time.monotonic() - started)
+
+
+def _model_info(model: LoadedModel) -> textgen_pb2.ModelInfo:
+    info = model.info or {}
+    architecture = info.get("architecture")
+    if not isinstance(architecture, dict):
+        architecture = {}
+    # Training facts as strings: text as it is, anything else (numbers, nested config) as JSON.
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()}
+    return textgen_pb2.ModelInfo(
+        name=model.name,
+        version=model.version,
+        level=model.tokenizer.level,
+        vocab_size=model.vocab_size,
+        layers=int(architecture.get("layers") or 0),
+        units=int(architecture.get("units") or 0),
+        created_at=str(info.get("created_at", "")),
+        metadata=metadata,
+    )
