@@ -265,9 +265,11 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
         if prep.resume_from is None:
             _clean_checkpoints(config.checkpoint_dir)
             prep.tokenizer.save(os.path.join(config.checkpoint_dir, TOKENIZER_FILE))
-    if progress.exported:
+    finished = progress.stopped_early or progress.epochs_done >= config.epochs
+    if progress.exported and finished:
         log.info("the checkpoint's run already finished and was exported as %s; nothing to do", progress.exported)
         return TrainResult(progress.exported, _final_metrics(progress), "")
+    progress.exported = ""  # more epochs were asked for: train on and export a new version
 
     keras.utils.set_random_seed(config.seed)
     with placement.strategy.scope():
@@ -339,6 +341,7 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
             model.load_weights(best)
 
     metrics = _final_metrics(progress)
+    metrics["cpu_seconds"] = round(time.process_time(), 1)
     if config.level == "char" and "bits_per_token" in metrics:
         metrics["bits_per_char"] = metrics["bits_per_token"]
     if not chief:
