@@ -22,6 +22,7 @@ import asyncio
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -78,6 +79,7 @@ def summarize(records: Sequence[StreamRecord]) -> dict[str, Any]:
     duration = (max(ends) - min(starts)) if ends else 0.0
     ttfts = [1000.0 * t for r in records if (t := r.ttft) is not None]
     itls = [1000.0 * s for r in records for s in r.itl_samples()]
+    messages = sum(len(r.arrivals) for r in records)
     codes: dict[str, int] = {}
     for r in records:
         if r.error is not None:
@@ -95,6 +97,8 @@ def summarize(records: Sequence[StreamRecord]) -> dict[str, Any]:
         "itl_ms_p50": percentile(itls, 50),
         "itl_ms_p99": percentile(itls, 99),
         "itl_samples": len(itls),
+        "messages": messages,
+        "tokens_per_message": tokens / messages if messages else None,
     }
 
 
@@ -161,6 +165,11 @@ async def concurrent_load(
     return summarize(records)
 
 
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _load_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT of the server")
@@ -174,9 +183,11 @@ def _load_main(argv: Sequence[str] | None = None) -> int:
     for name in ("streams", "max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    cpu_before = _own_cpu_seconds()
     summary = asyncio.run(
         concurrent_load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model)
     )
+    summary["client_cpu_s"] = _own_cpu_seconds() - cpu_before  # what the load generator took from the cores
     with open(args.out_json, "w", encoding="utf-8") as f:
         json.dump(summary, f)
     return 0
@@ -200,6 +211,17 @@ def rss_kb(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds ``pid`` has used so far (``/proc/<pid>/stat``), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # after the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler:
@@ -358,11 +380,14 @@ def measure_level(
 ) -> dict[str, Any]:
     """One concurrency level against a running server, with the server's RSS before and at peak."""
     before = server.rss_kb() or 0
+    cpu_before = cpu_seconds(server.pid) or 0.0
     args = ["--target", server.target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
     args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
     with RssSampler(server.pid) as sampler:
         summary = run_load("benchmarks.e2e_bench", args, timeout=timeout + 60.0)
+    cpu_after = cpu_seconds(server.pid)
     summary.update(
+        server_cpu_s=None if cpu_after is None else cpu_after - cpu_before,
         streams=streams,
         max_tokens=max_tokens,
         server_rss_kb_before=before,

@@ -126,6 +126,11 @@ def _f(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _percent(cpu_s: float | None, seconds: float | None) -> float | None:
+    """CPU seconds over wall seconds, in percent of one core."""
+    return None if cpu_s is None or not seconds else 100.0 * cpu_s / seconds
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole run as markdown tables."""
     lines: list[str] = []
@@ -171,14 +176,16 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         lines += [
             "| streams | tokens/stream | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-            "| errors | server RSS KiB/stream |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| errors | server RSS KiB/stream | tokens/message | server CPU % | client CPU % |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in part.get("levels", []):
             lines.append(
                 f"| {r['streams']} | {r['max_tokens']} | {_f(r['tokens_per_s'])} | {_f(r['ttft_ms_p50'])} "
                 f"| {_f(r['ttft_ms_p99'])} | {_f(r['itl_ms_p50'], 2)} | {_f(r['itl_ms_p99'], 2)} | {r['errors']} "
-                f"| {_f(r['server_rss_kb_per_stream'])} |"
+                f"| {_f(r['server_rss_kb_per_stream'])} | {_f(r.get('tokens_per_message'), 2)} "
+                f"| {_f(_percent(r.get('server_cpu_s'), r.get('seconds')), 0)} "
+                f"| {_f(_percent(r.get('client_cpu_s'), r.get('seconds')), 0)} |"
             )
         lines.append("")
     inter = results.get("interference", {})
@@ -278,12 +285,14 @@ def plot_latency(results: dict[str, Any], path: str) -> None:
             p99s.append(phase["itl_ms_p99"])
     ax = axes[2]
     xs = list(range(len(names)))
+    if p50s:
+        ax.axhline(2 * p50s[0], color="red", linestyle="--", label="target: p99 <= 2 x p50 without")
     ax.bar([x - 0.2 for x in xs], p50s, width=0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], p99s, width=0.4, label="p99")
     ax.set_xticks(xs, names)
     ax.set_ylabel("ms")
     ax.set_title("interference: ITL of running streams")
-    if names:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
