@@ -235,6 +235,11 @@ class _Batch:
     position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens generated so far
     deadline: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     prompt_left: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # prompt tokens after `tokens`
+    # Tensors reused from step to step while the batch does not change (a
+    # numpy -> tensor conversion costs about as much as a small model's step).
+    params_t: tuple | None = None  # (temperature, top_k, top_p, seed)
+    tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
+    want_logprobs: bool = False
 
     ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
 
@@ -466,11 +471,15 @@ class Engine:
             self._batches.pop(model, None)
             return
         started = time.perf_counter()
+        if batch.params_t is None:
+            batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
+            batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
+        tokens_t = batch.tokens_t if batch.tokens_t is not None else tf.constant(batch.tokens)
         ids_t, logprobs_t, batch.state = model.decode(
-            batch.tokens, batch.state, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.position
+            tokens_t, batch.state, *batch.params_t, tf.constant(batch.position)
         )
         ids = ids_t.numpy()
-        logprobs = logprobs_t.numpy()
+        logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(len(ids), np.float32)
         elapsed = time.perf_counter() - started
         self.steps += 1
         size = len(batch.rows)
@@ -486,8 +495,10 @@ class Engine:
                 row.cursor += 1
             batch.prompt_left[prompting] -= 1
             generating = np.nonzero(~prompting)[0]
+            batch.tokens_t = None
         else:
             generating = None
+            batch.tokens_t = ids_t
         self._deliver(batch, ids, logprobs, generating)
 
     def _deliver(self, batch: _Batch, ids: np.ndarray, logprobs: np.ndarray, which: np.ndarray | None) -> None:
@@ -539,11 +550,14 @@ class Engine:
             row.cursor = len(row.prompt_ids)
         self._set_rows(batch, new_rows, np.zeros(n, np.int32), np.zeros(n, np.int64))
         started = time.perf_counter()
+        batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
+        batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
         ids_t, logprobs_t, batch.state = model.prefill_sample(
-            tokens, lengths, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.position
+            tf.constant(tokens), tf.constant(lengths), *batch.params_t, tf.constant(batch.position)
         )
         ids = ids_t.numpy()
         logprobs = logprobs_t.numpy()
+        batch.tokens_t = ids_t
         if self.metrics is not None:
             mm = self._mm(model.name)
             mm.step_duration.observe(time.perf_counter() - started)
@@ -578,6 +592,7 @@ class Engine:
         for name in _Batch.ARRAYS:
             setattr(batch, name, np.concatenate([getattr(batch, name), add[name]]))
         batch.rows.extend(new_rows)
+        batch.params_t = batch.tokens_t = None
 
     def _compact(self, batch: _Batch) -> None:
         """Drop finished rows: one gather of the state, one fancy index per array."""
@@ -589,6 +604,7 @@ class Engine:
         for name in _Batch.ARRAYS:
             setattr(batch, name, getattr(batch, name)[index])
         batch.state = tf.gather(batch.state, index) if keep else None
+        batch.params_t = batch.tokens_t = None
 
     # ------------------------------------------------------------ finishing
     def _row_finished(self, batch: _Batch, row: _Row) -> None:
