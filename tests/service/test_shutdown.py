@@ -1,0 +1,171 @@
+"""`python -m service` as a real process: SIGTERM lets running streams finish, rejects new ones, exits 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api import textgen_pb2
+from service.client import TextGenClient
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT = 120.0
+
+
+class ServerProcess:
+    """``python -m service`` on free ports; its log goes to a file so the pipe can never fill up."""
+
+    def __init__(self, models: Path, log_path: Path, *flags: str) -> None:
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TEXTGEN_MAX_TOKENS_LIMIT": "50000"}
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--models", str(models), "--host", "127.0.0.1"]
+            + ["--port", "0", "--metrics-port", "0", "--poll-seconds", "0", *flags],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self.port = self._read_port()
+        self.target = f"127.0.0.1:{self.port}"
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        end = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < end:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                match = re.search(r"listening on port (\d+)", line)
+                if match:
+                    return int(match.group(1))
+            if self.proc.poll() is not None:
+                break
+        raise AssertionError(f"the server printed no port; log:\n{self.log()}")
+
+    def wait_serving(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            end = time.monotonic() + STARTUP_TIMEOUT
+            while time.monotonic() < end:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError(f"the server never became SERVING; log:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def process_factory(tmp_path: Path, tiny_model_repo: Path) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(*flags: str) -> ServerProcess:
+        p = ServerProcess(tiny_model_repo, tmp_path / f"server{len(started)}.log", *flags)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+def _shutdown_observed(target: str) -> bool:
+    """True once health says NOT_SERVING or the server no longer answers health checks."""
+    try:
+        with grpc.insecure_channel(target) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        return bool(status == health_pb2.HealthCheckResponse.NOT_SERVING)
+    except grpc.RpcError:
+        return True
+
+
+def test_sigterm_lets_running_streams_finish_rejects_new_requests_and_exits_0(
+    process_factory: Callable[..., ServerProcess],
+) -> None:
+    server = process_factory("--grace-seconds", "60")
+    server.wait_serving()
+    n_tokens = 6000
+    results: list[tuple[int, int, str]] = []  # (messages, completion_tokens, finish_reason)
+    errors: list[BaseException] = []
+    first_message = threading.Barrier(4)
+
+    def stream(i: int) -> None:
+        try:
+            with TextGenClient(server.target, timeout=120) as c:
+                responses = []
+                for response in c.generate(f"stream {i} ", max_tokens=n_tokens, temperature=1.0, seed=i):
+                    if not responses:
+                        first_message.wait(timeout=60)
+                    responses.append(response)
+                last = responses[-1]
+                results.append(
+                    (len(responses), last.usage.completion_tokens, textgen_pb2.FinishReason.Name(last.finish_reason))
+                )
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    first_message.wait(timeout=60)  # all three are streaming
+    server.proc.send_signal(signal.SIGTERM)
+
+    end = time.monotonic() + 30
+    while not _shutdown_observed(server.target) and time.monotonic() < end:
+        time.sleep(0.05)
+    still_running = sum(t.is_alive() for t in threads)
+    with TextGenClient(server.target, timeout=10) as late:
+        with pytest.raises(grpc.RpcError) as caught:
+            late.complete("too late", max_tokens=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, f"a running stream failed during shutdown: {errors!r}\n{server.log()}"
+    assert still_running > 0, "the streams ended before the shutdown began; the test proved nothing"
+    assert sorted(r[1] for r in results) == [n_tokens] * 3
+    assert {r[2] for r in results} == {"FINISH_REASON_LENGTH"}
+    assert server.proc.wait(timeout=60) == 0, server.log()
+    assert "shutting down" in server.log()
+
+
+def test_sigint_past_the_grace_period_cancels_what_is_left_and_exits_0(
+    process_factory: Callable[..., ServerProcess],
+) -> None:
+    server = process_factory("--grace-seconds", "0.5")
+    server.wait_serving()
+    with TextGenClient(server.target, timeout=120) as c:
+        responses = c.generate("forever ", max_tokens=50000, temperature=1.0)
+        next(responses)
+        server.proc.send_signal(signal.SIGINT)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in responses:
+                pass
+    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), caught.value.details()
+    assert server.proc.wait(timeout=60) == 0, server.log()
