@@ -183,11 +183,12 @@ def _load_main(argv: Sequence[str] | None = None) -> int:
     for name in ("streams", "max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    cpu_before = _own_cpu_seconds()
+    cpu_before, wall_before = _own_cpu_seconds(), time.perf_counter()
     summary = asyncio.run(
         concurrent_load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model)
     )
-    summary["client_cpu_s"] = _own_cpu_seconds() - cpu_before  # what the load generator took from the cores
+    # What the load generator took from the cores the server also runs on.
+    summary["client_cpu_percent"] = 100.0 * (_own_cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
     with open(args.out_json, "w", encoding="utf-8") as f:
         json.dump(summary, f)
     return 0

@@ -185,7 +185,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(r['ttft_ms_p99'])} | {_f(r['itl_ms_p50'], 2)} | {_f(r['itl_ms_p99'], 2)} | {r['errors']} "
                 f"| {_f(r['server_rss_kb_per_stream'])} | {_f(r.get('tokens_per_message'), 2)} "
                 f"| {_f(_percent(r.get('server_cpu_s'), r.get('seconds')), 0)} "
-                f"| {_f(_percent(r.get('client_cpu_s'), r.get('seconds')), 0)} |"
+                f"| {_f(r.get('client_cpu_percent'), 0)} |"
             )
         lines.append("")
     inter = results.get("interference", {})
