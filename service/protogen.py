@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,15 +35,25 @@ class ProtocError(RuntimeError):
     """protoc rejected the .proto or could not write its output."""
 
 
+def run_protoc(args: list[str]) -> None:
+    """Runs grpc_tools.protoc in a child process.
+
+    Never in this process: grpc_tools links its own copy of the protobuf C++ runtime, and
+    loading it beside TensorFlow's crashes the interpreter (seen as a segfault in the tests).
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise ProtocError(f"protoc {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+
+
 def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Writes the stubs (and the package ``__init__.py``) into ``out_dir``; returns the files written."""
-    from grpc_tools import protoc
-
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as raw:
-        rc = protoc.main(
+        run_protoc(
             [
-                "grpc_tools.protoc",
                 f"-I{proto_root}",
                 f"--python_out={raw}",
                 f"--pyi_out={raw}",
@@ -50,8 +61,6 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
                 str(proto_root / PROTO_FILE),
             ]
         )
-        if rc != 0:
-            raise ProtocError(f"protoc failed with exit code {rc} on {proto_root / PROTO_FILE}")
         generated_dir = Path(raw) / Path(PROTO_FILE).parent
         written = []
         for name in GENERATED:
