@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from benchmarks.e2e_bench import ServerProcess, ServerSpec, measure_level
+from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
 from benchmarks.interference import InterferenceConfig, measure_interference
 
 
@@ -75,6 +75,7 @@ class BenchConfig:
     interference: InterferenceConfig = field(default_factory=InterferenceConfig)
     run_e2e: bool = True
     run_interference: bool = True
+    profile: bool = False  # py-spy the batched server during one extra run at reference_streams
     reference_streams: int = 64
     capacity_streams: int = 1000
 
@@ -161,6 +162,8 @@ def run_server_levels(
                     f"errors {level['errors']}",
                     flush=True,
                 )
+            if not baseline and config.profile:
+                results["profile"] = profile_server(config, server)
             if not baseline and config.run_interference:
                 try:
                     results["interference"] = measure_interference(server.target, "bench", config.interference)
@@ -170,6 +173,23 @@ def run_server_levels(
         part["error"] = f"{type(e).__name__}: {e}"
         print(f"  e2e {tag} failed: {part['error']}", file=sys.stderr, flush=True)
     return part
+
+
+def profile_server(config: BenchConfig, server: ServerProcess) -> dict[str, Any]:
+    """One more run at ``reference_streams`` under py-spy (not part of the figures: profiling slows the server)."""
+    n = config.reference_streams
+    raw = os.path.join(config.out, "profile", f"server-{n}-streams.txt")
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    try:
+        with Profiler(server.pid, raw):
+            level = measure_level(
+                server, n, config.e2e.tokens_for(n), config.e2e.prompt_chars, config.e2e.level_timeout
+            )
+        summary = summarize_profile(raw)
+    except Exception as e:  # the report says what failed; the rest of the run stands
+        return {"error": f"{type(e).__name__}: {e}"}
+    print(f"  profiled {n} streams: {summary['samples']} samples in {raw}", flush=True)
+    return {"streams": n, "tokens_per_s": level["tokens_per_s"], "raw": os.path.relpath(raw, config.out), **summary}
 
 
 def run(config: BenchConfig) -> dict[str, Any]:
@@ -259,6 +279,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--repeats", type=int, help="repeats per figure (medians are reported)")
     parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
     parser.add_argument("--no-interference", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
     reference, capacity = 64, 1000
@@ -295,6 +316,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         interference=inter,
         run_e2e=not args.no_e2e,
         run_interference=not args.no_interference,
+        profile=args.profile,
         reference_streams=reference,
         capacity_streams=capacity,
     )

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -360,6 +361,78 @@ class ServerProcess:
             self._log.close()
             self._log = None
         self._proc = proc  # keep the pid readable for reports
+
+
+def py_spy_path() -> str | None:
+    """The py-spy executable beside this interpreter (the ``bench`` extra installs it) or on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return beside if os.path.exists(beside) else shutil.which("py-spy")
+
+
+class Profiler:
+    """``py-spy record`` of a process while the ``with`` block runs (collapsed stacks, no pausing of the target)."""
+
+    def __init__(self, pid: int, out_path: str, rate: int = 100, max_seconds: float = 300.0) -> None:
+        exe = py_spy_path()
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (pip install py-spy, or the 'bench' extra)")
+        self.out_path = out_path
+        self._cmd = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+        self._cmd += ["--output", out_path, "--nonblocking", "--duration", str(int(max_seconds))]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Profiler:
+        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # let it attach before the load starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        try:
+            proc.wait(timeout=30.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10.0)
+
+
+def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
+    """Shares of samples by function (file:line dropped): where they were on top (self) and anywhere (inclusive)."""
+    self_counts: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            stack, _, count_text = line.rstrip("\n").rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            total += count
+            frames = [_frame_name(fr) for fr in stack.split(";")]
+            self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
+            for name in set(frames):
+                inclusive[name] = inclusive.get(name, 0) + count
+
+    def ranked(counts: dict[str, int]) -> list[list[Any]]:
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [[name, round(n / total, 4)] for name, n in best]
+
+    return {
+        "samples": total,
+        "self": ranked(self_counts) if total else [],
+        "inclusive": ranked(inclusive) if total else [],
+    }
+
+
+def _frame_name(frame: str) -> str:
+    """``fn (path/to/file.py:12)`` -> ``fn (to/file.py)``."""
+    name, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0]
+    short = "/".join(file.split("/")[-2:])
+    return f"{name} ({short})" if file else name
 
 
 def run_load(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]:

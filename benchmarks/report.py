@@ -206,6 +206,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {(p.get('running_errors') or 0) + (p.get('arrival_errors') or 0)} |"
             )
         lines.append("")
+    prof = results.get("profile", {})
+    if prof.get("error"):
+        lines += ["### Server profile", "", f"Not measured: {prof['error']}", ""]
+    elif prof:
+        lines += [
+            f"### Server profile at {prof['streams']} streams (py-spy, {prof['samples']} samples, "
+            f"{_f(prof['tokens_per_s'])} tokens/s while profiled; raw stacks: `{prof['raw']}`)",
+            "",
+            "| on CPU in (self) | share | under (inclusive) | share |",
+            "|---|---:|---|---:|",
+        ]
+        for (a, sa), (b, sb) in zip(prof["self"], prof["inclusive"], strict=False):
+            lines.append(f"| `{a}` | {100 * sa:.1f}% | `{b}` | {100 * sb:.1f}% |")
+        lines.append("")
     lines += ["### Targets", "", "| target | measured | needed | result |", "|---|---:|---:|---|"]
     for t in targets(results):
         verdict = {True: "PASS", False: "FAIL", None: "not measured"}[t.passed]
