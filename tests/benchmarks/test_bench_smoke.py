@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.e2e_bench import StreamRecord, percentile, summarize
+from benchmarks.e2e_bench import StreamRecord, percentile, summarize, summarize_profile
 from benchmarks.interference import itl_in_window
 from benchmarks.report import targets
 
@@ -48,6 +48,19 @@ def test_coalesced_message_counts_as_spread_tokens() -> None:
 def test_interference_window_keeps_only_gaps_ending_inside() -> None:
     record = StreamRecord(start=0.0, arrivals=[(1.0, 1), (1.5, 1), (2.5, 2), (4.0, 1)])
     assert itl_in_window([record], 1.2, 3.0) == pytest.approx([500.0, 500.0, 500.0])
+
+
+def test_profile_summary_ranks_self_and_inclusive_time(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "run (a/engine.py:10);step (a/engine.py:20);decode (tf/def_function.py:5) 6\n"
+        "run (a/engine.py:10);piece (t/tokenizer.py:3) 3\n"
+        "select (x/selectors.py:1) 1\n"
+    )
+    summary = summarize_profile(str(raw))
+    assert summary["samples"] == 10
+    assert summary["self"][0] == ["decode (tf/def_function.py)", 0.6]
+    assert summary["inclusive"][0] == ["run (a/engine.py)", 0.9]
 
 
 def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float):
