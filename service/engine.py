@@ -286,7 +286,11 @@ class Engine:
         self._model_metrics: dict[str, _ModelMetrics] = {}
         self._gauge_names: set[str] = set()
         self._turn = 0
-        self.steps = 0  # batched decode calls made (for tests and benchmarks)
+        # Counters for tests and benchmarks (engine thread writes, anyone reads).
+        self.steps = 0  # batched decode/prefill calls made
+        self.tokens = 0  # tokens delivered to streams
+        self.decode_seconds = 0.0  # inside the decode/prefill calls, host copy of the ids included
+        self.busy_seconds = 0.0  # whole iterations: decode calls plus the engine's own Python work
 
     # ------------------------------------------------------------ public API
     @property
@@ -380,12 +384,14 @@ class Engine:
             if stopping:
                 self._shutdown()
                 return
+            began = time.perf_counter()
             try:
                 self._iterate(cancels)
             except Exception as exc:  # never let the thread die with streams waiting on it
                 log.exception("engine iteration failed")
                 self._fail_everything(f"internal engine error: {type(exc).__name__}: {exc}")
             self._flush_wakeups()
+            self.busy_seconds += time.perf_counter() - began
 
     def _iterate(self, cancels: list[Stream]) -> None:
         now = time.monotonic()
@@ -482,6 +488,7 @@ class Engine:
         logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(len(ids), np.float32)
         elapsed = time.perf_counter() - started
         self.steps += 1
+        self.decode_seconds += elapsed
         size = len(batch.rows)
         if self.metrics is not None:
             mm = self._mm(model.name)
@@ -536,6 +543,7 @@ class Engine:
         elif len(which):
             batch.tokens[which] = ids[which]
             batch.position[which] += 1
+        self.tokens += delivered
         if mm is not None and delivered:
             mm.generated_tokens.inc(delivered)
 
@@ -558,11 +566,13 @@ class Engine:
         ids = ids_t.numpy()
         logprobs = logprobs_t.numpy()
         batch.tokens_t = ids_t
+        elapsed = time.perf_counter() - started
         if self.metrics is not None:
             mm = self._mm(model.name)
-            mm.step_duration.observe(time.perf_counter() - started)
+            mm.step_duration.observe(elapsed)
             mm.batch_size.observe(n)
         self.steps += 1
+        self.decode_seconds += elapsed
         self._deliver(batch, ids, logprobs, None)
 
     def _append_riding(self, batch: _Batch, new_rows: list[_Row]) -> None:
