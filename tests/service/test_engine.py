@@ -267,3 +267,27 @@ def test_word_model_generates_spaced_words(engine, word_model):
     assert "  " not in text
     words = text.split()
     assert len(words) >= 10
+
+
+def test_a_long_prompt_rides_along_without_stalling_running_streams(engine, model):
+    long_prompt = ("The object " * 60)[:600]
+
+    async def run() -> tuple[int, Chunk]:
+        loop = asyncio.get_running_loop()
+        running = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000, seed=1), loop)
+        await running.next_chunk()
+        steps_before = engine.steps
+        late = engine.submit(model, long_prompt, SamplingParams(max_tokens=3, seed=2), loop)
+        await late.next_chunk()  # its first token comes after its 600 prompt tokens
+        steps = engine.steps - steps_before
+        progress = await running.next_chunk()
+        running.cancel()
+        await collect(running)
+        await collect(late)
+        return steps, progress
+
+    steps, progress = asyncio.run(run())
+    # The prompt was fed one token per shared step (no separate prefill stalled the running stream),
+    # and the running stream got a token at each of those steps.
+    assert steps >= 600
+    assert progress.completion_tokens >= 600
