@@ -229,12 +229,20 @@ def test_cancel_mid_stream_frees_the_row_within_a_second(serving: RunningServer,
     first = next(stub_call)
     assert first.text or first.tokens is not None
     assert _active(serving) >= 1
+    cancelled_before = serving.sample("textgen_requests_total", {"model": "tiny", "code": "CANCELLED"})
     stub_call.cancel()
     assert _wait_until(lambda: _active(serving) == 0, 1.0), "textgen_active_sequences did not return to 0"
     assert serving.server.engine.active == 0
+    assert _wait_until(
+        lambda: (
+            serving.sample("textgen_requests_total", {"model": "tiny", "code": "CANCELLED"}) == cancelled_before + 1
+        ),
+        5.0,
+    )
 
 
 def test_short_deadline_ends_the_stream_and_frees_the_row(serving: RunningServer, client: TextGenClient) -> None:
+    expired_before = serving.sample("textgen_requests_total", {"model": "tiny", "code": "DEADLINE_EXCEEDED"})
     with pytest.raises(grpc.RpcError) as caught:
         for _ in client.generate("The ", max_tokens=LONG, temperature=1.0, timeout=0.3):
             pass
@@ -244,6 +252,26 @@ def test_short_deadline_ends_the_stream_and_frees_the_row(serving: RunningServer
         client.complete("The ", max_tokens=LONG, temperature=1.0, timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_until(lambda: _active(serving) == 0, 1.0)
+    assert _wait_until(
+        lambda: (
+            serving.sample("textgen_requests_total", {"model": "tiny", "code": "DEADLINE_EXCEEDED"})
+            == expired_before + 2
+        ),
+        5.0,
+    )
+
+
+def test_a_slow_reader_gets_the_tokens_that_piled_up_in_fewer_messages(client: TextGenClient) -> None:
+    fast = list(client.generate("The ", max_tokens=400, temperature=1.0, seed=21))
+    slow = []
+    for response in client.generate("The ", max_tokens=400, temperature=1.0, seed=21):
+        if not slow:
+            time.sleep(0.5)  # the engine runs on meanwhile; nothing waits for this reader
+        slow.append(response)
+    assert "".join(r.text for r in slow) == "".join(r.text for r in fast)
+    assert slow[-1].usage.completion_tokens == 400
+    assert len(slow) < 400  # coalesced: not one message per token
+    assert max(len(r.text) for r in slow) > 1
 
 
 def test_over_capacity_is_resource_exhausted_at_once_in_three_waves(

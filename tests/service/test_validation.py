@@ -9,7 +9,9 @@ import pytest
 
 from service.api import textgen_pb2
 from service.client import TextGenClient, build_request
-from service.servicer import RequestError, RequestLimits, validate_request
+from service.engine import CapacityError, EngineClosedError
+from service.model_repository import ModelNotFoundError, NoModelLoadedError
+from service.servicer import RequestError, RequestLimits, _status_of, validate_request
 from tests.service.conftest import RunningServer
 
 LIMITS = RequestLimits(
@@ -74,6 +76,32 @@ def test_defaults_resolve_to_sampling_params() -> None:
 def test_request_id_length_is_bounded() -> None:
     error = _rejection(build_request("a", request_id="x" * 129))
     assert "request_id" in error.message and "129" in error.message
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ModelNotFoundError("model 'x' is not loaded"), grpc.StatusCode.NOT_FOUND),
+        (NoModelLoadedError("no model is loaded yet"), grpc.StatusCode.UNAVAILABLE),
+        (CapacityError("at capacity"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (EngineClosedError("shutting down"), grpc.StatusCode.UNAVAILABLE),
+        (ZeroDivisionError("a bug"), grpc.StatusCode.INTERNAL),
+        (KeyError("k"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_every_error_maps_to_a_documented_code_never_unknown(
+    error: Exception, code: grpc.StatusCode, caplog: pytest.LogCaptureFixture
+) -> None:
+    got, message = _status_of(error, "req-1")
+    assert got == code and got != grpc.StatusCode.UNKNOWN
+    assert message
+    logged = [r for r in caplog.records if "req-1" in r.getMessage()]
+    if code == grpc.StatusCode.INTERNAL:
+        assert "req-1" in message and type(error).__name__ in message
+        assert len(logged) == 1 and logged[0].exc_info is not None  # logged once, with its traceback
+    else:
+        assert not logged
 
 
 # ---------------------------------------------------------------------- through a real server
