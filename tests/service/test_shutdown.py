@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import select
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import textgen_pb2
 from service.client import TextGenClient
+from tests.service.conftest import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 120.0
@@ -169,3 +171,28 @@ def test_sigint_past_the_grace_period_cancels_what_is_left_and_exits_0(
                 pass
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), caught.value.details()
     assert server.proc.wait(timeout=60) == 0, server.log()
+
+
+def test_in_process_shutdown_turns_health_not_serving_and_lets_the_stream_finish(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    running = start_server(grace_seconds=60.0, max_tokens_limit=50000)
+    n_tokens = 4000
+    with running.channel() as channel, running.client(timeout=120) as c:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="textgen.v1.TextGeneration"), timeout=120
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stream = c.generate("The ", max_tokens=n_tokens, temperature=1.0, seed=4)
+        received = [next(stream)]
+        shutdown = asyncio.run_coroutine_threadsafe(running.server.shutdown(), running.loop)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with TextGenClient(running.target, timeout=10) as late:
+            with pytest.raises(grpc.RpcError) as caught:
+                late.complete("too late", max_tokens=1)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not shutdown.done(), "shutdown finished before the running stream did"
+        received.extend(stream)
+    assert received[-1].usage.completion_tokens == n_tokens
+    assert received[-1].finish_reason == textgen_pb2.FINISH_REASON_LENGTH
+    shutdown.result(timeout=60)
