@@ -29,9 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layers": 1,
         "units": 192,
         "embedding_dim": 48,
-        "batch_size": 64,
+        "batch_size": 32,
         "dropout": 0.0,
-        "learning_rate": 0.004,
+        "learning_rate": 0.01,
     },
     # Under 30 minutes on a 2-core CPU on the embedded corpus (measured in docs/training.md).
     "small": {
@@ -67,9 +67,9 @@ class TrainConfig:
     units: int = 192
     embedding_dim: int = 48
     cell: str = "lstm"
-    batch_size: int = 64
+    batch_size: int = 32
     dropout: float = 0.0
-    learning_rate: float = 0.004
+    learning_rate: float = 0.01
     validation_fraction: float = 0.05
     max_vocab: int | None = None
     lowercase: bool = False

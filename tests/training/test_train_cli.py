@@ -121,24 +121,13 @@ def test_word_level_run_on_a_folder_exports_a_working_model(
     (folder / "ignored.md").write_text("not a text file", encoding="utf-8")
     out = tmp_path / "models" / "words"
     argv = [
-        "--corpus",
-        str(folder),
-        "--level",
-        "word",
-        "--max-vocab",
-        "300",
-        "--lowercase",
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-        "--checkpoint-dir",
-        str(tmp_path / "ck"),
-        "--log-dir",
-        str(tmp_path / "logs"),
-        *TINY,
-    ]
+        "--corpus", str(folder), "--level", "word", "--max-vocab", "300", "--lowercase", "--epochs", "1",
+        "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "logs"),
+        "--mixed-precision", *TINY,
+    ]  # fmt: skip
     assert train_main(argv) == 0
+    # No GPU here: mixed precision is refused with a warning and the model trains in float32.
+    assert "--mixed-precision needs a GPU" in capsys.readouterr().err
     info = json.loads((out / "1" / "assets" / "model.json").read_text())
     assert info["corpus"]["sources"] == [str(folder / "a.txt"), str(folder / "b.txt")]
     assert info["architecture"]["vocab_size"] == 300 and info["level"] == "word"
