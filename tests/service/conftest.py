@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -26,6 +27,16 @@ from service.config import ServerConfig
 T = TypeVar("T")
 
 READY_TIMEOUT = 120.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Polls ``predicate`` until it holds or ``timeout`` seconds pass; returns its last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
 
 
 class RunningServer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import urllib.request
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import TextGenClient
-from tests.service.conftest import RunningServer
+from tests.service.conftest import RunningServer, wait_until
 
 EXPECTED_TYPES = {
     "textgen_request_duration_seconds": "histogram",
@@ -32,9 +31,7 @@ EXPECTED_TYPES = {
 
 
 def _idle(serving: RunningServer) -> None:
-    end = time.monotonic() + 10
-    while serving.server.engine.active + serving.server.engine.waiting and time.monotonic() < end:
-        time.sleep(0.02)
+    assert wait_until(lambda: serving.server.engine.active + serving.server.engine.waiting == 0, 10.0)
 
 
 def test_metric_names_exist_with_the_right_types(serving: RunningServer, client: TextGenClient) -> None:

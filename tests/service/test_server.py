@@ -22,19 +22,10 @@ from service.api import textgen_pb2
 from service.client import TextGenClient
 from service.config import ConfigError, ServerConfig, parse_config
 from service.server import SERVICE_NAME, grpc_options
-from tests.service.conftest import RunningServer
+from tests.service.conftest import RunningServer, wait_until
 from training.tokenizer import Tokenizer
 
 LONG = 20000  # max_tokens that outlast any test (the shared server's limit)
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _tokens(response: textgen_pb2.GenerateResponse) -> int:
@@ -231,9 +222,9 @@ def test_cancel_mid_stream_frees_the_row_within_a_second(serving: RunningServer,
     assert _active(serving) >= 1
     cancelled_before = serving.sample("textgen_requests_total", {"model": "tiny", "code": "CANCELLED"})
     stub_call.cancel()
-    assert _wait_until(lambda: _active(serving) == 0, 1.0), "textgen_active_sequences did not return to 0"
+    assert wait_until(lambda: _active(serving) == 0, 1.0), "textgen_active_sequences did not return to 0"
     assert serving.server.engine.active == 0
-    assert _wait_until(
+    assert wait_until(
         lambda: (
             serving.sample("textgen_requests_total", {"model": "tiny", "code": "CANCELLED"}) == cancelled_before + 1
         ),
@@ -247,12 +238,12 @@ def test_short_deadline_ends_the_stream_and_frees_the_row(serving: RunningServer
         for _ in client.generate("The ", max_tokens=LONG, temperature=1.0, timeout=0.3):
             pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_until(lambda: _active(serving) == 0, 1.0), "textgen_active_sequences did not return to 0"
+    assert wait_until(lambda: _active(serving) == 0, 1.0), "textgen_active_sequences did not return to 0"
     with pytest.raises(grpc.RpcError) as caught:
         client.complete("The ", max_tokens=LONG, temperature=1.0, timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_until(lambda: _active(serving) == 0, 1.0)
-    assert _wait_until(
+    assert wait_until(lambda: _active(serving) == 0, 1.0)
+    assert wait_until(
         lambda: (
             serving.sample("textgen_requests_total", {"model": "tiny", "code": "DEADLINE_EXCEEDED"})
             == expired_before + 2
@@ -286,7 +277,7 @@ def test_over_capacity_is_resource_exhausted_at_once_in_three_waves(
                 for i in range(4)
             ]
             # Which two run first is the server's choice; wait until two run and two wait.
-            assert _wait_until(lambda: (engine.active, engine.waiting) == (2, 2), 10.0), (
+            assert wait_until(lambda: (engine.active, engine.waiting) == (2, 2), 10.0), (
                 f"wave {wave}: {engine.active} active, {engine.waiting} waiting"
             )
             for extra in range(2):
@@ -297,7 +288,7 @@ def test_over_capacity_is_resource_exhausted_at_once_in_three_waves(
             assert engine.active == 2  # the rejected ones never disturbed the running streams
             for call in calls:
                 call.cancel()
-            assert _wait_until(lambda: engine.active + engine.waiting == 0, 5.0)
+            assert wait_until(lambda: engine.active + engine.waiting == 0, 5.0)
         assert _tokens(c.complete("after", max_tokens=3)) == 3
     assert small.sample("textgen_requests_total", {"code": "RESOURCE_EXHAUSTED"}) == 6
 
@@ -363,7 +354,7 @@ def test_not_serving_until_a_model_is_loaded_then_serving(
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "no model" in caught.value.details()
             shutil.copytree(tiny_model_repo / "tiny", empty / "tiny")  # a version appears; the poll picks it up
-            assert _wait_until(
+            assert wait_until(
                 lambda: health.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.SERVING, 60.0
             )
             assert _tokens(c.complete("The ", max_tokens=2)) == 2
