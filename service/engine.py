@@ -29,6 +29,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,6 +284,7 @@ class Engine:
         self._batches: dict[LoadedModel, _Batch] = {}
         self._rows_by_stream: dict[Stream, tuple[_Batch, _Row]] = {}
         self._wake: dict[asyncio.AbstractEventLoop, list[Stream]] = {}
+        self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
         self._model_metrics: dict[str, _ModelMetrics] = {}
         self._gauge_names: set[str] = set()
         self._turn = 0
@@ -666,14 +668,19 @@ class Engine:
 
     # ------------------------------------------------------------ wake-ups and gauges
     def _flush_wakeups(self) -> None:
+        """At most one ``call_soon_threadsafe`` per event loop per step, none while one is still pending."""
         if not self._wake:
             return
         wake, self._wake = self._wake, {}
         for loop, streams in wake.items():
-            try:
-                loop.call_soon_threadsafe(_wake_streams, streams)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            waker = self._wakers.get(loop)
+            if waker is None:
+                waker = self._wakers[loop] = _LoopWaker()
+            if waker.add(streams):
+                try:
+                    loop.call_soon_threadsafe(waker.run)
+                except RuntimeError:  # the loop is closed: nobody is listening any more
+                    self._wakers.pop(loop, None)
 
     def _mm(self, name: str) -> _ModelMetrics:
         mm = self._model_metrics.get(name)
@@ -700,6 +707,26 @@ class Engine:
         self._gauge_names = set(active) | set(waiting)
 
 
-def _wake_streams(streams: list[Stream]) -> None:
-    for stream in streams:
-        stream._wake()
+class _LoopWaker:
+    """Wakes one event loop's streams; a loop that is slower than the engine gets one wake-up for many steps."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[Stream] = []
+        self._scheduled = False
+
+    def add(self, streams: list[Stream]) -> bool:
+        """Queue streams to wake; True when the caller must schedule ``run`` on the loop."""
+        with self._lock:
+            self._pending.extend(streams)
+            if self._scheduled:
+                return False
+            self._scheduled = True
+            return True
+
+    def run(self) -> None:  # on the event loop
+        with self._lock:
+            streams, self._pending = self._pending, []
+            self._scheduled = False
+        for stream in streams:
+            stream._wake()
