@@ -33,7 +33,9 @@ COMMANDS = {
 
 def _module_for(command: str, rest: list[str]) -> str:
     if command == "generate":
-        local = any(a == "--model" or a.startswith("--model=") for a in rest)
+        # --target means a server (whose client also takes --model NAME); --model DIR alone means local.
+        remote = any(a == "--target" or a.startswith("--target=") for a in rest)
+        local = not remote and any(a == "--model" or a.startswith("--model=") for a in rest)
         return "training.generate" if local else "service.client"
     return COMMANDS[command]
 

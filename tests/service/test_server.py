@@ -414,3 +414,13 @@ def test_async_client_streams_and_lists(serving: RunningServer) -> None:
 
     streamed, completed, models = asyncio.run(go())
     assert streamed == completed and models == 1
+
+
+def test_textgen_generate_with_target_and_model_name_goes_to_the_server(
+    serving: RunningServer, client: TextGenClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main as textgen
+
+    argv = ["generate", "--target", serving.target, "--model", "tiny", "--max-tokens", "12", "--temperature", "0"]
+    assert textgen([*argv, "--quiet", "The "]) == 0
+    assert capsys.readouterr().out == client.complete("The ", max_tokens=12, temperature=0).text + "\n"
