@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -319,7 +320,7 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
                 initial_epoch=progress.epochs_done,
                 steps=prep.train_batches,
                 callbacks=callbacks,
-                verbose=chief,
+                verbose=chief and sys.stdout.isatty(),
             )
         else:
             model.fit(
@@ -329,7 +330,8 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
                 initial_epoch=progress.epochs_done,
                 callbacks=callbacks,
                 shuffle=False,  # the dataset shuffles its windows itself
-                verbose=1 if chief else 2,
+                # The live progress bar on a terminal; one line per epoch in logs and pipes.
+                verbose=1 if chief and sys.stdout.isatty() else 2,
             )
     else:
         log.info("all %d epochs are done; exporting", progress.epochs_done)
