@@ -76,6 +76,7 @@ class BenchConfig:
     run_e2e: bool = True
     run_interference: bool = True
     profile: bool = False  # py-spy the batched server during one extra run at reference_streams
+    overlap_startup: bool = False  # --quick: start both servers at once (saves a start-up; not for real figures)
     reference_streams: int = 64
     capacity_streams: int = 1000
 
@@ -127,20 +128,26 @@ def _median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_server_levels(
-    config: BenchConfig, models_dir: str, max_batch_size: int, baseline: bool, results: dict[str, Any]
-) -> dict[str, Any]:
-    """Start one server and measure its concurrency levels (and the interference scenario if batched)."""
+def make_server(config: BenchConfig, models_dir: str, max_batch_size: int) -> ServerProcess:
     e2e = config.e2e
     spec = ServerSpec(
         models_dir=models_dir,
         model="bench",
         max_batch_size=max_batch_size,
         max_concurrent=e2e.server_max_concurrent,
-        max_queue=max(e2e.server_max_concurrent, max(e2e.streams)),
+        max_queue=max(e2e.server_max_concurrent, max(e2e.streams), max(e2e.baseline_streams)),
     )
+    tag = "mbs1" if max_batch_size == 1 else "batched"
+    return ServerProcess(spec, os.path.join(config.out, "logs", f"server-{tag}.log"))
+
+
+def run_server_levels(
+    config: BenchConfig, server: ServerProcess, baseline: bool, results: dict[str, Any]
+) -> dict[str, Any]:
+    """Wait for one server, measure its concurrency levels (and the interference scenario if batched), stop it."""
+    e2e = config.e2e
+    spec = server.spec
     tag = "mbs1" if baseline else "batched"
-    log_path = os.path.join(config.out, "logs", f"server-{tag}.log")
     flags = (
         f"--max-batch-size {spec.max_batch_size} --max-concurrent {spec.max_concurrent} --max-queue {spec.max_queue}"
     )
@@ -148,7 +155,7 @@ def run_server_levels(
     streams = e2e.baseline_streams if baseline else e2e.streams
     repeats = 1 if baseline else e2e.repeats
     try:
-        with ServerProcess(spec, log_path) as server:
+        with server:
             part["server_rss_kb_idle"] = server.rss_kb()
             measure_level(server, e2e.warmup_streams, e2e.warmup_tokens, e2e.prompt_chars, e2e.level_timeout)
             part["server_rss_kb_after_warmup"] = server.rss_kb()
@@ -219,18 +226,29 @@ def run(config: BenchConfig) -> dict[str, Any]:
     engine["batched"] = engine_bench.measure_batched(bench, config.engine)
     for row in engine["batched"]["rows"]:
         print(f"  batch {row['batch']}: {row['tokens_per_s']:,.0f} tokens/s", flush=True)
+    engine["variants"] = engine_bench.measure_variants(bench, config.engine)
+    for row in engine["variants"]["rows"]:
+        print(f"  {row['variant']}, batch {row['batch']}: {row['tokens_per_s']:,.0f} tokens/s", flush=True)
     engine["onestep"] = engine_bench.measure_onestep(bench, config.engine)
     print(f"  OneStep per request: {engine['onestep']['ms_per_token']:.3f} ms/token", flush=True)
     engine["seed_loop"] = engine_bench.measure_seed_loop(bench, config.engine)
     print(f"  seeds' loop: {engine['seed_loop']['ms_per_token']:.1f} ms/token", flush=True)
     if config.run_e2e:
         results["e2e"] = {}
-        for key, mbs, baseline in (
-            ("batched", config.e2e.server_max_batch_size, False),
-            ("max_batch_size_1", 1, True),
-        ):
-            print(f"end to end: --max-batch-size {mbs} ...", flush=True)
-            results["e2e"][key] = run_server_levels(config, models_dir, mbs, baseline, results)
+        servers = [
+            ("batched", make_server(config, models_dir, config.e2e.server_max_batch_size), False),
+            ("max_batch_size_1", make_server(config, models_dir, 1), True),
+        ]
+        try:
+            if config.overlap_startup:  # both start now; the second idles while the first is measured
+                for _, server, _ in servers:
+                    server.launch()
+            for key, server, baseline in servers:
+                print(f"end to end: --max-batch-size {server.spec.max_batch_size} ...", flush=True)
+                results["e2e"][key] = run_server_levels(config, server, baseline, results)
+        finally:
+            for _, server, _ in servers:
+                server.__exit__()
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -251,7 +269,7 @@ QUICK_E2E = E2EConfig(
     warmup_tokens=4,
 )
 QUICK_INTERFERENCE = InterferenceConfig(
-    streams=4, stream_tokens=32, arrival_prompt_chars=64, arrival_tokens=4, window=1.0, warmup=0.5, timeout=30.0
+    streams=4, stream_tokens=32, arrival_prompt_chars=64, arrival_tokens=4, window=0.6, warmup=0.3, timeout=30.0
 )
 
 
@@ -286,7 +304,15 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     if args.quick:
         model = ModelSpec(units=16, embedding_dim=16, corpus_chars=20_000)
         engine = EngineBenchConfig(
-            batch_sizes=(1, 4), repeats=2, max_steps=20, repeat_seconds=0.05, seed_tokens=3, onestep_tokens=10
+            batch_sizes=(1, 4),
+            repeats=2,
+            max_steps=20,
+            repeat_seconds=0.05,
+            seed_tokens=3,
+            onestep_tokens=10,
+            variant_batch_sizes=(4,),
+            steps_per_call=(4,),
+            variant_repeats=1,
         )
         e2e, inter = QUICK_E2E, QUICK_INTERFERENCE
         reference, capacity = 4, 4
@@ -317,6 +343,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         run_e2e=not args.no_e2e,
         run_interference=not args.no_interference,
         profile=args.profile,
+        overlap_startup=args.quick,
         reference_streams=reference,
         capacity_streams=capacity,
     )

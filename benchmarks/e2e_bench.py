@@ -275,12 +275,14 @@ class ServerProcess:
         self.metrics_port = free_port()
         self.target = f"{LOCALHOST}:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
     @property
     def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        proc = self._proc or self._stopped
+        assert proc is not None, "the server was never launched"
+        return proc.pid
 
     def command(self) -> list[str]:
         s = self.spec
@@ -307,10 +309,16 @@ class ServerProcess:
             *s.extra_args,
         ]
 
-    def __enter__(self) -> ServerProcess:
+    def launch(self) -> None:
+        """Start the process without waiting for it (``with`` waits for SERVING; ``__exit__`` stops it)."""
+        if self._proc is not None:
+            return
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
         self._proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def __enter__(self) -> ServerProcess:
+        self.launch()
         try:
             self._wait_ready()
         except BaseException:
@@ -360,7 +368,7 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
-        self._proc = proc  # keep the pid readable for reports
+        self._stopped = proc  # keeps the pid readable for reports
 
 
 def py_spy_path() -> str | None:

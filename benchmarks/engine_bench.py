@@ -22,7 +22,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import keras
@@ -60,6 +60,10 @@ class EngineBenchConfig:
     seed_tokens: int = 12  # seeds' loop: model.predict per token is slow
     onestep_tokens: int = 300
     temperature: float = 1.0
+    # variants: no sampler, and K steps per call in one tf.while_loop
+    variant_batch_sizes: tuple[int, ...] = (1, 64, 512)
+    steps_per_call: tuple[int, ...] = (1, 8)
+    variant_repeats: int = 3
 
 
 @dataclass
@@ -209,6 +213,71 @@ def measure_batched(bench: BenchModel, config: EngineBenchConfig) -> dict[str, A
     runner, kind = engine_runner(bench.path, bench.state_size, config.temperature)
     rows = [_batch_rate(runner, batch, config) for batch in config.batch_sizes]
     return {"decode_fn": kind, "rows": rows}
+
+
+def _multi_step_runner(path: str, state_size: int, temperature: float, k: int, sample_in_graph: bool) -> StepRunner:
+    """``k`` decode steps per call in one ``tf.while_loop`` (k = 1: one step); the ids of all k fetched per call.
+
+    ``sample_in_graph=False`` feeds back the argmax instead of running the sampler, to show what sampling costs.
+    """
+    from service.sampling import sample
+
+    loaded = tf.saved_model.load(path)
+    spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
+    spec += [tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)]
+
+    @tf.function(input_signature=spec)
+    def decode_k(tokens, state, temperature, seed, position):  # type: ignore[no-untyped-def]
+        batch = tf.shape(tokens)[0]
+        top_k, top_p = tf.zeros([batch], tf.int32), tf.ones([batch], tf.float32)
+
+        def body(i, tokens, state, ids_ta):  # type: ignore[no-untyped-def]
+            out = loaded.signatures["step"](tokens=tokens, state=state)
+            if sample_in_graph:
+                ids, _ = sample(out["logits"], temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
+            else:
+                ids = tf.argmax(out["logits"], axis=-1, output_type=tf.int32)
+            return i + 1, ids, out["state"], ids_ta.write(i, ids)
+
+        ids_ta = tf.TensorArray(tf.int32, size=k)
+        _, _, state, ids_ta = tf.while_loop(lambda i, *_: i < k, body, [tf.constant(0), tokens, state, ids_ta])
+        return ids_ta.stack(), state  # (k, b), (b, S)
+
+    def runner(batch: int) -> Callable[[], None]:
+        tokens = tf.constant(np.full([batch], 2, np.int32))
+        state = tf.zeros([batch, state_size], tf.float32)
+        temp = tf.fill([batch], np.float32(temperature))
+        seed = tf.range(1, batch + 1, dtype=tf.int64)
+        position = 0
+
+        def one() -> None:
+            nonlocal tokens, state, position
+            ids, state = decode_k(tokens, state, temp, seed, tf.fill([batch], np.int64(position)))
+            tokens = tf.constant(ids.numpy()[-1])
+            position += k
+
+        return one
+
+    return runner
+
+
+def measure_variants(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
+    """Tokens/s of decode variants at a few batch sizes: no sampler, and K steps per call (``tf.while_loop``)."""
+    variants = [("step + argmax, 1 step per call", 1, False)]
+    variants += [(f"step + sampler, {k} steps per call", k, True) for k in config.steps_per_call]
+    rows = []
+    for name, k, sampled in variants:
+        runner = _multi_step_runner(bench.path, bench.state_size, config.temperature, k, sampled)
+        for batch in config.variant_batch_sizes:
+            row = _batch_rate(
+                runner, batch, replace(config, repeats=config.variant_repeats, max_steps=max(3, config.max_steps // k))
+            )
+            row.update(variant=name, steps_per_call=k, sampler=sampled)
+            row["tokens_per_s"] *= k  # a call made k tokens per row
+            row["tokens_per_s_all"] = [r * k for r in row["tokens_per_s_all"]]
+            row["ms_per_step"] = row.pop("step_ms") / k
+            rows.append(row)
+    return {"rows": rows}
 
 
 def measure_onestep(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:

@@ -154,6 +154,11 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for r in engine.get("batched", {}).get("rows", []):
             lines.append(f"| {r['batch']} | {_f(r['tokens_per_s'])} | {_f(r['step_ms'], 2)} |")
+        variants = engine.get("variants", {}).get("rows", [])
+        if variants:
+            lines += ["", "| decode variant | batch | tokens/s | ms per step |", "|---|---:|---:|---:|"]
+            for r in variants:
+                lines.append(f"| {r['variant']} | {r['batch']} | {_f(r['tokens_per_s'])} | {_f(r['ms_per_step'], 2)} |")
         seed, one = engine.get("seed_loop", {}), engine.get("onestep", {})
         lines += [
             "",
