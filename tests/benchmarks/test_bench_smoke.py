@@ -107,6 +107,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert [r["batch"] for r in engine["batched"]["rows"]] == [1, 4]
     assert all(r["tokens_per_s"] > 0 for r in engine["batched"]["rows"])
     assert "LoadedModel.decode" in engine["batched"]["decode_fn"]  # the serving step, not the stand-in
+    variants = engine["variants"]["rows"]
+    assert {(r["steps_per_call"], r["sampler"]) for r in variants} == {(1, False), (4, True)}
+    assert all(r["tokens_per_s"] > 0 for r in variants)
     assert engine["seed_loop"]["ms_per_token"] > 0
     assert engine["onestep"]["ms_per_token"] > 0
 
