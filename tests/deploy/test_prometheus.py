@@ -311,7 +311,10 @@ def test_prometheus_scrapes_a_real_server_and_answers_the_ttft_quantile(
     assert {g["name"] for g in groups} == {g["name"] for g in yaml.safe_load(RULES.read_text())["groups"]}
     assert all(rule["health"] != "err" for g in groups for rule in g["rules"]), groups
 
-    # The HPA's metric, as prometheus-adapter asks for it: one value per pod.
+    # The HPA's metric, as prometheus-adapter finds it (seriesQuery) and asks for it: one value per pod.
+    (rule,) = yaml.safe_load(ADAPTER.read_text(encoding="utf-8"))["rules"]
+    discovered = api.get("/api/v1/series", **{"match[]": rule["seriesQuery"]})
+    assert discovered and {(s["namespace"], s["pod"]) for s in discovered} == {("test", "textgen-0")}
     per_pod = api.query(adapter_query('namespace="test",pod=~"textgen-0"', "pod"))
     assert per_pod is not None and [s["metric"] for s in per_pod] == [{"pod": "textgen-0"}]
     assert float(per_pod[0]["value"][1]) >= 0
