@@ -27,12 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from service.api import textgen_pb2, textgen_pb2_grpc
+from service.api import textgen_pb2
 from service.config import ConfigError, ServerConfig, parse_config
 from service.engine import Engine, EngineConfig
 from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
-from service.servicer import TextGenerationServicer
+from service.servicer import TextGenerationServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Server:
         for service in HEALTH_SERVICES:
             await self.health.set(service, NOT_SERVING)
         server = grpc.aio.server(options=grpc_options(config))
-        textgen_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -15,10 +15,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from service.api import textgen_pb2, textgen_pb2_grpc
 from service.config import ServerConfig
@@ -52,6 +53,57 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What a request that does not parse becomes, so it ends as INVALID_ARGUMENT rather than UNKNOWN."""
+
+    message: str
+
+
+def _tolerant_parser(message_type: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            # grpc would answer UNKNOWN for a deserializer's exception; invalid UTF-8 in a
+            # string field (possible from clients in other languages) is the usual cause.
+            return MalformedRequest(f"the request is not a valid {name} ({exc}); string fields must be UTF-8")
+
+    return parse
+
+
+def add_to_server(servicer: TextGenerationServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer like the generated ``add_TextGenerationServicer_to_server``, with tolerant parsing."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_tolerant_parser(textgen_pb2.GenerateRequest),
+            response_serializer=textgen_pb2.GenerateResponse.SerializeToString,
+        ),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete,
+            request_deserializer=_tolerant_parser(textgen_pb2.GenerateRequest),
+            response_serializer=textgen_pb2.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=_tolerant_parser(textgen_pb2.ListModelsRequest),
+            response_serializer=textgen_pb2.ListModelsResponse.SerializeToString,
+        ),
+    }
+    service = textgen_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _request_id(request: textgen_pb2.GenerateRequest | MalformedRequest) -> str:
+    if isinstance(request, MalformedRequest) or not request.request_id:
+        return uuid.uuid4().hex
+    return request.request_id
 
 
 @dataclass(frozen=True)
@@ -168,10 +220,10 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
 
     # ------------------------------------------------------------------ RPCs
     async def Generate(
-        self, request: textgen_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
         outcome = _Outcome()
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = _request_id(request)
         started = time.monotonic()
         try:
             async for response in self._generate(request, request_id, context, outcome, started):
@@ -182,10 +234,10 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             self._record(outcome, started)
 
     async def Complete(
-        self, request: textgen_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> textgen_pb2.GenerateResponse:
         outcome = _Outcome()
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = _request_id(request)
         started = time.monotonic()
         try:
             parts: list[textgen_pb2.GenerateResponse] = []
@@ -203,9 +255,11 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             self._record(outcome, started)
 
     async def ListModels(
-        self, request: textgen_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: textgen_pb2.ListModelsRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> textgen_pb2.ListModelsResponse:
         try:
+            if isinstance(request, MalformedRequest):
+                raise invalid(request.message)
             return textgen_pb2.ListModelsResponse(
                 models=[_model_info(m) for m in self._repository.loaded()],
                 max_tokens_limit=self._limits.max_tokens_limit,
@@ -218,12 +272,14 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     # ------------------------------------------------------------------ the generation itself
     async def _generate(
         self,
-        request: textgen_pb2.GenerateRequest,
+        request: textgen_pb2.GenerateRequest | MalformedRequest,
         request_id: str,
         context: grpc.aio.ServicerContext,
         outcome: _Outcome,
         started: float,
     ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
+        if isinstance(request, MalformedRequest):
+            raise invalid(request.message)
         if self._shutting_down:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         params = validate_request(request, self._limits)

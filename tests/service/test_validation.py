@@ -181,3 +181,28 @@ def test_list_models_reports_the_tiny_model_and_limits(serving: RunningServer, c
     assert listing.models[0].units == 32 and listing.models[0].layers == 1
     assert listing.models[0].metadata["fixture"] == "tiny"
     assert (listing.max_tokens_limit, listing.max_prompt_bytes) == (20000, 4096)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [bytes([0x0A, 0x02, 0xFF, 0xFE, 0x10, 0x03]), b"\xff\xff\xff"],
+    ids=["prompt-not-utf8", "not-protobuf"],
+)
+def test_malformed_request_bytes_are_invalid_argument_not_unknown(
+    serving: RunningServer, client: TextGenClient, raw: bytes
+) -> None:
+    """Clients in other languages can send bytes that do not parse (invalid UTF-8 in prompt, say)."""
+    with serving.channel() as channel:
+        complete = channel.unary_unary("/textgen.v1.TextGeneration/Complete")
+        generate = channel.unary_stream("/textgen.v1.TextGeneration/Generate")
+        list_models = channel.unary_unary("/textgen.v1.TextGeneration/ListModels")
+        for call in (lambda: complete(raw, timeout=10), lambda: list(generate(raw, timeout=10))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            assert "textgen.v1.GenerateRequest" in caught.value.details()
+        if raw == b"\xff\xff\xff":  # (the other is a ListModelsRequest with an unknown field: fine)
+            with pytest.raises(grpc.RpcError) as caught:
+                list_models(raw, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _assert_still_serving(client)
