@@ -87,8 +87,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
         Target("interference: ITL p99 with long prompts / p50 without", _ratio(with_p99, without_p50), 2.0, False, "x"),
         Target(f"{cap} streams: errors", None if capacity is None else float(capacity["errors"]), 0.0, False, ""),
         Target(
-            f"{cap} streams: server RSS per stream",
-            None if capacity is None else float(capacity["server_rss_kb_per_stream"]),
+            f"{cap} streams: server RSS per stream (peak - RSS after warm-up) / streams",
+            None if capacity is None else float(capacity["server_rss_kb_per_stream_since_warmup"]),
             64.0,
             False,
             "KiB",
@@ -181,14 +181,15 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         lines += [
             "| streams | tokens/stream | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-            "| errors | server RSS KiB/stream | tokens/message | server CPU % | client CPU % |",
+            "| errors | server RSS KiB/stream: level / since warm-up | tokens/message | server CPU % | client CPU % |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in part.get("levels", []):
             lines.append(
                 f"| {r['streams']} | {r['max_tokens']} | {_f(r['tokens_per_s'])} | {_f(r['ttft_ms_p50'])} "
                 f"| {_f(r['ttft_ms_p99'])} | {_f(r['itl_ms_p50'], 2)} | {_f(r['itl_ms_p99'], 2)} | {r['errors']} "
-                f"| {_f(r['server_rss_kb_per_stream'])} | {_f(r.get('tokens_per_message'), 2)} "
+                f"| {_f(r['server_rss_kb_per_stream'])} / {_f(r.get('server_rss_kb_per_stream_since_warmup'))} "
+                f"| {_f(r.get('tokens_per_message'), 2)} "
                 f"| {_f(_percent(r.get('server_cpu_s'), r.get('seconds')), 0)} "
                 f"| {_f(r.get('client_cpu_percent'), 0)} |"
             )

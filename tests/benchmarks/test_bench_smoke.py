@@ -64,7 +64,7 @@ def test_profile_summary_ranks_self_and_inclusive_time(tmp_path: Path) -> None:
 
 
 def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float):
-    level = {"streams": 64, "tokens_per_s": e2e_64, "errors": 0, "server_rss_kb_per_stream": 10.0}
+    level = {"streams": 64, "tokens_per_s": e2e_64, "errors": 0, "server_rss_kb_per_stream_since_warmup": 10.0}
     return {
         "config": {"reference_streams": 64, "capacity_streams": 1000},
         "engine": {
@@ -72,7 +72,9 @@ def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_
             "seed_loop": {"tokens_per_s": seeds},
         },
         "e2e": {
-            "batched": {"levels": [level, dict(level, streams=1000, errors=3, server_rss_kb_per_stream=70.0)]},
+            "batched": {
+                "levels": [level, dict(level, streams=1000, errors=3, server_rss_kb_per_stream_since_warmup=70.0)]
+            },
             "max_batch_size_1": {"levels": [{"streams": 64, "tokens_per_s": mbs1_64}]},
         },
         "interference": {"with_arrivals": {"itl_ms_p99": p99_with}, "without_arrivals": {"itl_ms_p50": p50_without}},
@@ -122,7 +124,13 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
             assert level["completed"] == level["requests"] == level["streams"]
             assert level["tokens"] == level["streams"] * level["max_tokens"]
             assert level["tokens_per_s"] > 0
-            for field in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "server_rss_kb_per_stream"):
+            for field in (
+                "ttft_ms_p50",
+                "ttft_ms_p99",
+                "itl_ms_p50",
+                "itl_ms_p99",
+                "server_rss_kb_per_stream_since_warmup",
+            ):
                 assert level[field] is not None and level[field] >= 0, field
             assert level["server_rss_kb_peak"] > 0
 
