@@ -392,7 +392,7 @@ class Engine:
             except Exception as exc:  # never let the thread die with streams waiting on it
                 log.exception("engine iteration failed")
                 self._fail_everything(f"internal engine error: {type(exc).__name__}: {exc}")
-            self._flush_wakeups()
+                self._flush_wakeups()
             self.busy_seconds += time.perf_counter() - began
 
     def _iterate(self, cancels: list[Stream]) -> None:
@@ -413,7 +413,8 @@ class Engine:
                 for row in batch.rows + admitted.get(batch, []):
                     self._finish_stream(row.stream, "error", time.monotonic(), error=message)
                 self._batches.pop(batch.model, None)
-            self._flush_wakeups()  # one wake-up per event loop per step
+        if not self._batches:
+            self._flush_wakeups()  # nothing will run: wake the readers now
         self._set_gauges()
 
     def _admit(self, now: float) -> dict[_Batch, list[_Row]]:
@@ -478,6 +479,10 @@ class Engine:
         if not batch.rows:
             self._batches.pop(model, None)
             return
+        # Wake the readers of the previous step now: their Python work on the
+        # event loop overlaps the model call (which releases the GIL) instead
+        # of competing with the engine's own Python work.
+        self._flush_wakeups()
         started = time.perf_counter()
         if batch.params_t is None:
             batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
@@ -559,6 +564,7 @@ class Engine:
             tokens[i, : lengths[i]] = row.prompt_ids
             row.cursor = len(row.prompt_ids)
         self._set_rows(batch, new_rows, np.zeros(n, np.int32), np.zeros(n, np.int64))
+        self._flush_wakeups()
         started = time.perf_counter()
         batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
         batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
@@ -566,7 +572,7 @@ class Engine:
             tf.constant(tokens), tf.constant(lengths), *batch.params_t, tf.constant(batch.position)
         )
         ids = ids_t.numpy()
-        logprobs = logprobs_t.numpy()
+        logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(n, np.float32)
         batch.tokens_t = ids_t
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
