@@ -42,6 +42,12 @@ class ServerConfig:
     keep_versions: int = 1
     max_connection_age: float = 0.0
     request_timeout: float = 600.0
+    max_receive_message_bytes: int = 1048576
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    health_port: int = -1
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -75,6 +81,18 @@ def _problems(c: ServerConfig) -> list[str]:
         value = getattr(c, name)
         need(value >= 1, name, value, ">= 1")
     need(c.max_queue >= 0, "max_queue", c.max_queue, ">= 0")
+    need(
+        c.max_receive_message_bytes >= c.max_prompt_bytes + 4096,
+        "max_receive_message_bytes",
+        c.max_receive_message_bytes,
+        f">= --max-prompt-bytes + 4096 ({c.max_prompt_bytes + 4096})",
+    )
+    need(-1 <= c.health_port <= 65535, "health_port", c.health_port, "in [-1, 65535] (-1 = off, 0 picks a free port)")
+    need((c.tls_cert is None) == (c.tls_key is None), "tls_key", c.tls_key, "given together with --tls-cert")
+    need(c.tls_client_ca is None or c.tls_cert is not None, "tls_client_ca", c.tls_client_ca, "used with --tls-cert")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        value = getattr(c, name)
+        need(value is None or bool(value), name, value, "a file path")
     need(c.max_stop_sequences >= 0, "max_stop_sequences", c.max_stop_sequences, ">= 0")
     need(
         c.default_max_tokens <= c.max_tokens_limit,
@@ -110,6 +128,12 @@ _HELP = {
     "keep_versions": "loaded versions kept per model (the newest N)",
     "max_connection_age": "seconds before a client connection is asked to reconnect, for load balancing (0 = off)",
     "request_timeout": "deadline for a request that has none, in seconds (0 = none)",
+    "max_receive_message_bytes": "largest request message gRPC accepts, in bytes (larger: RESOURCE_EXHAUSTED)",
+    "tls_cert": "PEM certificate chain of the server; with --tls-key, the gRPC port speaks TLS only",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle; clients must then present a certificate it signed (mTLS)",
+    "auth_token_file": "file of bearer tokens, one per line, reloaded when it changes; textgen RPCs then need one",
+    "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
