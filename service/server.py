@@ -28,11 +28,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from service.api import textgen_pb2
+from service.auth import TokenAuthInterceptor, TokenFileError, TokenStore
 from service.config import ConfigError, ServerConfig, parse_config
 from service.engine import Engine, EngineConfig
 from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
 from service.servicer import TextGenerationServicer, add_to_server
+from service.tls import TLSConfigError, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel arguments of the server."""
-    options = [("grpc.so_reuseport", 0)]  # two servers must never share a port by accident
+    options = [
+        ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+    ]
     if config.max_connection_age > 0:
         # Clients reconnect now and then, so a k8s Service spreads them over new replicas.
         options.append(("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)))
@@ -80,7 +85,9 @@ class Server:
         self.port = 0
         self.metrics_port = 0
         self.ready = asyncio.Event()
+        self.health_port = 0
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -94,24 +101,47 @@ class Server:
         self._loop = asyncio.get_running_loop()
         for service in HEALTH_SERVICES:
             await self.health.set(service, NOT_SERVING)
-        server = grpc.aio.server(options=grpc_options(config))
+        try:
+            # Read before anything binds: a bad file is a clean startup error.
+            credentials = (
+                server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                if config.tls_cert and config.tls_key
+                else None
+            )
+            interceptors = [TokenAuthInterceptor(TokenStore(config.auth_token_file))] if config.auth_token_file else []
+        except (TLSConfigError, TokenFileError) as exc:
+            raise OSError(str(exc)) from exc
+        server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        address = f"[{config.host}]" if ":" in config.host else config.host
+        host = config.host.strip("[]")  # "::" and "[::]" both mean every IPv6 (and IPv4) address
+        address = f"[{host}]" if ":" in host else host
         try:
-            self.port = server.add_insecure_port(f"{address}:{config.port}")
+            if credentials is not None:
+                self.port = server.add_secure_port(f"{address}:{config.port}", credentials)
+            else:
+                self.port = server.add_insecure_port(f"{address}:{config.port}")
         except RuntimeError as exc:
             raise OSError(f"could not bind the gRPC port {address}:{config.port}: {exc}") from exc
         if self.port == 0:
             raise OSError(f"could not bind the gRPC port {address}:{config.port}")
         self._http, self._http_thread = start_http_server(
-            config.metrics_port, addr=config.host, registry=self.metrics.registry
+            config.metrics_port, addr=host, registry=self.metrics.registry
         )
         self.metrics_port = int(self._http.server_port)
+        if config.health_port >= 0:
+            # Plaintext grpc.health.v1 only, for kubelet probes that cannot speak (m)TLS.
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_port = health_server.add_insecure_port(f"{address}:{config.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"could not bind the health port {address}:{config.health_port}")
+            await health_server.start()
+            self._health_grpc = health_server
         self.engine.start()
         await server.start()
         self._grpc = server
@@ -171,6 +201,8 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await asyncio.to_thread(self.engine.stop, 5.0)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

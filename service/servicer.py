@@ -195,10 +195,14 @@ def _status_of(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
 
 @dataclass
 class _Outcome:
-    """What the metrics need to know about a finished RPC."""
+    """What the metrics and the request log need to know about a finished RPC."""
 
+    request_id: str
     model: str = UNRESOLVED_MODEL
     code: grpc.StatusCode = grpc.StatusCode.OK
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
 
 
 class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
@@ -222,8 +226,8 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     async def Generate(
         self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
-        outcome = _Outcome()
         request_id = _request_id(request)
+        outcome = _Outcome(request_id)
         started = time.monotonic()
         try:
             async for response in self._generate(request, request_id, context, outcome, started):
@@ -236,8 +240,8 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     async def Complete(
         self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> textgen_pb2.GenerateResponse:
-        outcome = _Outcome()
         request_id = _request_id(request)
+        outcome = _Outcome(request_id)
         started = time.monotonic()
         try:
             parts: list[textgen_pb2.GenerateResponse] = []
@@ -266,7 +270,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
                 max_prompt_bytes=self._limits.max_prompt_bytes,
             )
         except BaseException as exc:
-            await self._fail(exc, "ListModels", context, _Outcome())
+            await self._fail(exc, "ListModels", context, _Outcome("ListModels"))
             raise AssertionError("unreachable: _fail always raises") from exc
 
     # ------------------------------------------------------------------ the generation itself
@@ -297,6 +301,8 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
                     if chunk.text or chunk.token_ids:
                         yield self._response(chunk, request_id, model)
                     continue
+                outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                outcome.finish_reason = chunk.finish_reason
                 self._raise_for_unfinished(chunk, request_id)
                 last = self._response(chunk, request_id, model)
                 last.finish_reason = FINISH_REASONS[chunk.finish_reason]
@@ -362,8 +368,19 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         await context.abort(code, message)
 
     def _record(self, outcome: _Outcome, started: float) -> None:
+        elapsed = time.monotonic() - started
         self._metrics.requests_total.labels(model=outcome.model, code=outcome.code.name).inc()
-        self._metrics.request_duration.labels(model=outcome.model).observe(time.monotonic() - started)
+        self._metrics.request_duration.labels(model=outcome.model).observe(elapsed)
+        log.info(
+            "request %s model=%s code=%s finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
+            outcome.request_id,
+            outcome.model,
+            outcome.code.name,
+            outcome.finish_reason or "-",
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+            elapsed,
+        )
 
 
 def _model_info(model: LoadedModel) -> textgen_pb2.ModelInfo:
