@@ -11,6 +11,7 @@ command line starts fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TextIO
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 import grpc
 
 from service.api import textgen_pb2, textgen_pb2_grpc
+from service.tls import TLSConfigError, channel_credentials
 
 FINISH_REASON_NAMES = {
     textgen_pb2.FINISH_REASON_UNSPECIFIED: "unspecified",
@@ -59,19 +61,41 @@ def build_request(
     return request
 
 
-class TextGenClient:
-    """A blocking client over one channel; use as a context manager or call ``close()``."""
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The bearer token as call metadata (sent on every call, over TLS or plaintext)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None) -> None:
-        self._channel = channel if channel is not None else grpc.insecure_channel(target)
+
+class TextGenClient:
+    """A blocking client over one channel; use as a context manager or call ``close()``.
+
+    ``credentials`` (from ``service.tls.channel_credentials``) makes it a TLS/mTLS channel;
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        if channel is None:
+            channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._channel = channel
         self._stub = textgen_pb2_grpc.TextGenerationStub(self._channel)
+        self._metadata = _auth_metadata(token)
         self.timeout = timeout
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, **params: Any
     ) -> Iterator[textgen_pb2.GenerateResponse]:
         """Streams responses as the server produces them; the last carries finish_reason and usage."""
-        call = self._stub.Generate(build_request(prompt, **params), timeout=timeout or self.timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             yield from call
         finally:
@@ -80,13 +104,13 @@ class TextGenClient:
     def complete(self, prompt: str, *, timeout: float | None = None, **params: Any) -> textgen_pb2.GenerateResponse:
         """The whole generation in one response."""
         response: textgen_pb2.GenerateResponse = self._stub.Complete(
-            build_request(prompt, **params), timeout=timeout or self.timeout
+            build_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
         )
         return response
 
     def list_models(self, *, timeout: float | None = None) -> textgen_pb2.ListModelsResponse:
         response: textgen_pb2.ListModelsResponse = self._stub.ListModels(
-            textgen_pb2.ListModelsRequest(), timeout=timeout or self.timeout
+            textgen_pb2.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
         )
         return response
 
@@ -103,15 +127,28 @@ class TextGenClient:
 class AsyncTextGenClient:
     """The asyncio client over one ``grpc.aio`` channel; ``async with`` or ``await close()``."""
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        if channel is None:
+            channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+        self._channel = channel
         self._stub = textgen_pb2_grpc.TextGenerationStub(self._channel)
+        self._metadata = _auth_metadata(token)
         self.timeout = timeout
 
     async def generate(
         self, prompt: str, *, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
-        call = self._stub.Generate(build_request(prompt, **params), timeout=timeout or self.timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             async for response in call:
                 yield response
@@ -122,13 +159,13 @@ class AsyncTextGenClient:
         self, prompt: str, *, timeout: float | None = None, **params: Any
     ) -> textgen_pb2.GenerateResponse:
         response: textgen_pb2.GenerateResponse = await self._stub.Complete(
-            build_request(prompt, **params), timeout=timeout or self.timeout
+            build_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
         )
         return response
 
     async def list_models(self, *, timeout: float | None = None) -> textgen_pb2.ListModelsResponse:
         response: textgen_pb2.ListModelsResponse = await self._stub.ListModels(
-            textgen_pb2.ListModelsRequest(), timeout=timeout or self.timeout
+            textgen_pb2.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
         )
         return response
 
@@ -159,7 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", type=int, default=0, help="model version (0 = newest)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline for the whole request, in seconds")
     parser.add_argument("--quiet", action="store_true", help="print no summary line on stderr")
+    parser.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA roots")
+    parser.add_argument(
+        "--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate (implies --tls)"
+    )
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate for mTLS (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--token-file", default=None, help="file holding the bearer token (default: the TEXTGEN_TOKEN variable)"
+    )
     return parser
+
+
+def _read_token(path: str | None) -> str | None:
+    """The bearer token: the first line of ``path``, else the TEXTGEN_TOKEN environment variable."""
+    if path is None:
+        return os.environ.get("TEXTGEN_TOKEN") or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TLSConfigError(f"--token-file {path!r} cannot be read: {exc}") from exc
+    if not token:
+        raise TLSConfigError(f"--token-file {path!r} is empty")
+    return token
 
 
 def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -174,9 +234,16 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
     if args.seed is not None and not 0 <= args.seed < 2**64:
         print(f"textgen generate: error: --seed must be in [0, 2**64), got {args.seed}", file=err)
         return 2
+    try:
+        token = _read_token(args.token_file)
+        use_tls = args.tls or bool(args.tls_ca or args.tls_cert or args.tls_key)
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+    except TLSConfigError as exc:
+        print(f"textgen generate: error: {exc}", file=err)
+        return 2
     last: textgen_pb2.GenerateResponse | None = None
     try:
-        with TextGenClient(args.target, timeout=args.timeout) as client:
+        with TextGenClient(args.target, timeout=args.timeout, credentials=credentials, token=token) as client:
             for response in client.generate(
                 args.prompt,
                 max_tokens=args.max_tokens,
