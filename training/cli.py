@@ -36,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CorpusError, WindowError, ClusterError) as exc:
         print(f"textgen train: error: {exc}", file=sys.stderr)
         return 2
-    result = train(config, placement, prepared)
+    try:
+        result = train(config, placement, prepared)
+    except KeyboardInterrupt:
+        print(
+            f"textgen train: interrupted; continue from the last finished epoch with the same flags and --resume "
+            f"(checkpoints in {config.checkpoint_dir})",
+            file=sys.stderr,
+        )
+        return 130
     if result.export_path:
         summary = ", ".join(
             f"{k} {result.metrics[k]:.4f}"

@@ -116,6 +116,13 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     """Load and check everything; raise ``UsageError`` naming the problem. Writes nothing."""
+    for flag, path in (
+        ("--out", config.out),
+        ("--checkpoint-dir", config.checkpoint_dir),
+        ("--log-dir", config.log_dir),
+    ):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: exists and is not a folder")
     corpus = load_corpus(config.corpus)
     resume_from = read_progress(config.checkpoint_dir) if config.resume else None
     fingerprint = {**config.fingerprint(), "corpus_sha256": corpus.sha256}

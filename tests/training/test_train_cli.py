@@ -80,6 +80,7 @@ BAD_INPUTS = {
     "validation fraction": (["--validation-fraction", "1.5"], "--validation-fraction"),
     "negative dropout": (["--dropout", "-0.1"], "--dropout"),
     "unknown flag": (["--nope"], "--nope"),
+    "out is a file": (["--out", "empty.txt"], "not a folder"),
 }
 
 
