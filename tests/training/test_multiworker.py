@@ -64,6 +64,7 @@ def _epoch_lines(stderr: str) -> list[str]:
     return [line.split(" (")[0] for line in stderr.splitlines() if line.startswith("textgen train: epoch ")]
 
 
+@pytest.mark.timeout(900)  # real training runs; generous for a loaded 2-core machine
 def test_two_workers_train_in_sync_and_exactly_one_version_is_exported(tmp_path: Path) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(embedded_text()[:15_000], encoding="utf-8")

@@ -40,6 +40,7 @@ def _progress(ck: Path) -> dict:
     return json.loads((ck / "progress.json").read_text())
 
 
+@pytest.mark.timeout(900)  # real training runs; generous for a loaded 2-core machine
 def test_sigkill_mid_run_then_resume_runs_only_the_remaining_epochs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,7 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+@pytest.mark.timeout(900)  # real training runs; generous for a loaded 2-core machine
 def test_no_arguments_trains_on_the_embedded_corpus_and_exports_version_1_then_2(tmp_path: Path) -> None:
     for expected in (1, 2):
         run = subprocess.run([TEXTGEN, "train"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
