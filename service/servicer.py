@@ -31,6 +31,7 @@ from service.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_LENGTH = 128
+MAX_TOP_K = 2**31 - 1  # the engine holds top_k as int32
 # The metric label used before a request has been resolved to a loaded model, so that
 # names sent by clients never become label values (unbounded cardinality).
 UNRESOLVED_MODEL = "unresolved"
@@ -169,7 +170,7 @@ def validate_request(request: textgen_pb2.GenerateRequest, limits: RequestLimits
     return SamplingParams(
         max_tokens=request.max_tokens or limits.default_max_tokens,
         temperature=temperature,
-        top_k=int(request.top_k),
+        top_k=min(int(request.top_k), MAX_TOP_K),  # uint32 on the wire; any k >= the vocabulary keeps all
         top_p=1.0 if top_p == 0.0 else top_p,
         seed=int(request.seed) if request.HasField("seed") else None,
         stop=stops,
