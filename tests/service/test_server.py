@@ -46,21 +46,22 @@ def test_config_flags_win_over_environment_which_wins_over_defaults() -> None:
 def test_every_field_has_a_flag_and_an_environment_variable() -> None:
     import dataclasses
 
+    values = {"log_level": "DEBUG", "max_tokens_limit": "5000", "max_receive_message_bytes": "100000"}
+    # Fields that are only valid together with others (given as flags in both cases).
+    companions = {
+        "tls_cert": ["--tls-key", "k"],
+        "tls_key": ["--tls-cert", "c"],
+        "tls_client_ca": ["--tls-cert", "c", "--tls-key", "k"],
+    }
     for field in dataclasses.fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")
         env = "TEXTGEN_" + field.name.upper()
-        value = {
-            "models": "x",
-            "default_model": "x",
-            "host": "h",
-            "log_level": "DEBUG",
-            "max_tokens_limit": "5000",
-        }.get(field.name, "2")
-        from_flag = parse_config([flag, value], {})
-        from_env = parse_config([], {env: value})
-        assert getattr(from_flag, field.name) == getattr(from_env, field.name) != getattr(ServerConfig(), field.name), (
-            field.name
-        )
+        default = getattr(ServerConfig(), field.name)
+        value = values.get(field.name, "x" if default is None or isinstance(default, str) else "2")
+        extra = companions.get(field.name, [])
+        from_flag = parse_config([flag, value, *extra], {})
+        from_env = parse_config(extra, {env: value})
+        assert getattr(from_flag, field.name) == getattr(from_env, field.name) != default, field.name
 
 
 @pytest.mark.parametrize(
