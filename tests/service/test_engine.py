@@ -291,3 +291,20 @@ def test_a_long_prompt_rides_along_without_stalling_running_streams(engine, mode
     # and the running stream got a token at each of those steps.
     assert steps >= 600
     assert progress.completion_tokens >= 600
+
+
+def test_wake_interval_groups_wake_ups_and_the_last_one_is_never_held(model):
+    engine = Engine(EngineConfig(wake_interval=1.0))
+    engine.start()
+    try:
+
+        async def run() -> list[Chunk]:
+            stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=40, seed=9), asyncio.get_running_loop())
+            return (await asyncio.wait_for(collect(stream), 5.0))[1]
+
+        chunks = asyncio.run(run())
+        # One wake-up for the first token, then none within a second until the engine went idle.
+        assert len(chunks) <= 3
+        assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
+    finally:
+        engine.stop(5.0)
