@@ -206,3 +206,21 @@ def test_malformed_request_bytes_are_invalid_argument_not_unknown(
                 list_models(raw, timeout=10)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _assert_still_serving(client)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(top_k=4294967295),
+        dict(seed=2**64 - 1),
+        dict(temperature=1e30),
+        dict(temperature=1e-30),
+        dict(top_p=1e-30),
+        dict(top_p=1.0, top_k=1),
+    ],
+    ids=["top_k-max", "seed-max", "temperature-huge", "temperature-tiny", "top_p-tiny", "top_p-one"],
+)
+def test_extreme_but_valid_parameters_succeed(client: TextGenClient, params: dict[str, float]) -> None:
+    response = client.complete("The ", max_tokens=5, **params)
+    assert response.finish_reason == textgen_pb2.FINISH_REASON_LENGTH
+    assert response.usage.completion_tokens == 5
