@@ -84,11 +84,12 @@ class Chunk:
     token_ids: list[int]  # filled only when include_tokens
     token_texts: list[str]
     logprobs: list[float]
-    finish_reason: str | None  # None while running; "length" | "stop" | "end" | "cancelled" | "deadline" | "error"
+    # None while running; "length" | "stop" | "end" | "cancelled" | "deadline" | "error" | "resource_exhausted"
+    finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int  # total so far
     time_to_first_token: float | None  # seconds, once known
-    error: str | None = None  # message when finish_reason == "error"
+    error: str | None = None  # message when finish_reason is "error" or "resource_exhausted"
 
 
 class Stream:
@@ -251,6 +252,16 @@ class _Batch:
     ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
 
 
+def _error_summary(exc: BaseException) -> str:
+    """A short message for the client: TensorFlow's own line, without the server's traceback and file paths."""
+    text = exc.message if isinstance(exc, tf.errors.OpError) else str(exc)
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("File ", "Detected at", "Graph execution", "<stack", "[[", "Hint:", "[Op:")):
+            return line[:300]
+    return type(exc).__name__
+
+
 def _as_int64(seed: int) -> int:
     seed %= _U64
     return seed - _U64 if seed >= 1 << 63 else seed
@@ -285,6 +296,7 @@ class Engine:
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._waker_thread: _WakerThread | None = None
         # engine-thread only
         self._waiting: collections.deque[Stream] = collections.deque()
         self._batches: dict[LoadedModel, _Batch] = {}
@@ -315,6 +327,7 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self._waker_thread = _WakerThread()
         self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
         self._thread.start()
 
@@ -366,7 +379,10 @@ class Engine:
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:
+            began = time.monotonic()
             self._thread.join(timeout)
+            if self._waker_thread is not None:
+                self._waker_thread.stop(max(0.1, timeout - (time.monotonic() - began)))
 
     def _request_cancel(self, stream: Stream) -> None:
         with self._cond:
@@ -417,10 +433,12 @@ class Engine:
             try:
                 self._step(batch, admitted.get(batch, []))
             except Exception as exc:
+                # Only the requests of this (model, version) step fail; the engine goes on with the rest.
                 log.exception("decode failed for model %s", batch.model.key)
-                message = f"model {batch.model.key} failed: {type(exc).__name__}: {exc}"
+                message = f"model {batch.model.key} failed: {type(exc).__name__}: {_error_summary(exc)}"
+                reason = "resource_exhausted" if isinstance(exc, tf.errors.ResourceExhaustedError) else "error"
                 for row in batch.rows + admitted.get(batch, []):
-                    self._finish_stream(row.stream, "error", time.monotonic(), error=message)
+                    self._finish_stream(row.stream, reason, time.monotonic(), error=message)
                 self._batches.pop(batch.model, None)
         if not self._batches:
             self._flush_wakeups(force=True)  # nothing will run: wake the readers now
@@ -645,7 +663,7 @@ class Engine:
         """End a stream that is waiting or running, without a new token."""
         entry = self._rows_by_stream.get(stream)
         emit = ""
-        if entry is not None and reason not in ("cancelled", "error"):
+        if entry is not None and reason not in ("cancelled", "error", "resource_exhausted"):
             emit = entry[1].criteria.flush()  # held-back text that can no longer become a stop
         if not stream._end(reason, emit, error):
             return
@@ -698,15 +716,15 @@ class Engine:
             return
         now = time.monotonic()
         interval = self.config.wake_interval
+        due: list[tuple[asyncio.AbstractEventLoop, _LoopWaker]] = []
         for loop, waker in list(self._held.items()):
             if not force and now - waker.last < interval:
                 continue
             del self._held[loop]
             if waker.arm(now):
-                try:
-                    loop.call_soon_threadsafe(waker.run)
-                except RuntimeError:  # the loop is closed: nobody is listening any more
-                    self._wakers.pop(loop, None)
+                due.append((loop, waker))
+        if due and self._waker_thread is not None:
+            self._waker_thread.post(due)
 
     def _mm(self, name: str) -> _ModelMetrics:
         mm = self._model_metrics.get(name)
@@ -731,6 +749,48 @@ class Engine:
             mm.active_sequences.set(active[name])
             mm.waiting_requests.set(waiting[name])
         self._gauge_names = set(active) | set(waiting)
+
+
+class _WakerThread:
+    """Makes the ``call_soon_threadsafe`` calls for the engine thread.
+
+    Writing to an event loop's self-pipe releases the GIL, and getting it back
+    can cost the engine thread hundreds of microseconds on a busy CPU while the
+    woken loop runs its readers. Handing the calls to this thread costs the
+    engine a lock release (which keeps the GIL), once per step.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._todo: list[tuple[asyncio.AbstractEventLoop, _LoopWaker]] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="textgen-engine-wake", daemon=True)
+        self._thread.start()
+
+    def post(self, items: list[tuple[asyncio.AbstractEventLoop, _LoopWaker]]) -> None:
+        with self._cond:
+            self._todo.extend(items)
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._todo and not self._stopping:
+                    self._cond.wait()
+                items, self._todo = self._todo, []
+                if not items and self._stopping:
+                    return
+            for loop, waker in items:
+                try:
+                    loop.call_soon_threadsafe(waker.run)
+                except RuntimeError:  # the loop is closed: nobody is listening any more
+                    pass
 
 
 class _LoopWaker:

@@ -326,6 +326,7 @@ class ModelRepository:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._collect = False
+        self._scan_error = ""
 
     # ------------------------------------------------------------ queries
     def loaded(self) -> list[LoadedModel]:
@@ -398,8 +399,11 @@ class ModelRepository:
         try:
             names = os.listdir(self.models_dir)
         except OSError as exc:
-            log.warning("cannot list the model repository %r: %s", self.models_dir, exc)
+            if str(exc) != self._scan_error:  # logged once, not every poll
+                log.warning("cannot list the model repository %r: %s", self.models_dir, exc)
+            self._scan_error = str(exc)
             return out
+        self._scan_error = ""
         for name in names:
             base = os.path.join(self.models_dir, name)
             if not _is_visible(name) or not os.path.isdir(base):
