@@ -335,6 +335,13 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
         if chunk.finish_reason == "cancelled":
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the request was cancelled by the server (shutting down)")
+        if chunk.finish_reason == "resource_exhausted":
+            log.error("request %s ran out of memory in the engine: %s", request_id, chunk.error)
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server ran out of memory for this step: {chunk.error}; retry later or ask for less; "
+                f"request_id={request_id}",
+            )
         if chunk.finish_reason == "error":
             log.error("request %s failed in the engine: %s", request_id, chunk.error)
             raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {chunk.error}; request_id={request_id}")
