@@ -113,7 +113,14 @@ def _median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of each figure over repeats; errors summed; RSS per stream the worst repeat."""
     out = dict(runs[-1])
     keys = ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "seconds", "tokens_per_message")
-    for key in (*keys, "server_cpu_s", "client_cpu_percent"):
+    for key in (
+        *keys,
+        "server_cpu_s",
+        "client_cpu_percent",
+        "server_mean_batch",
+        "server_step_ms_mean",
+        "server_step_share",
+    ):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     out["errors"] = sum(r["errors"] for r in runs)

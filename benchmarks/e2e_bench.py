@@ -12,7 +12,8 @@ length when a stream ends without one). It writes one JSON summary.
 The harness side (``ServerProcess``, ``RssSampler``, ``run_load``) starts
 ``python -m service`` on 127.0.0.1, waits for health SERVING, runs one load
 process per measurement while sampling the server's ``VmRSS`` from
-``/proc/<pid>/status``, and stops the server with SIGTERM.
+``/proc/<pid>/status`` and scraping its step counters from ``/metrics``, and
+stops the server with SIGTERM.
 """
 
 from __future__ import annotations
@@ -443,6 +444,48 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({short})" if file else name
 
 
+SCRAPED = {
+    "textgen_step_duration_seconds_sum": "step_seconds",
+    "textgen_step_duration_seconds_count": "steps",
+    "textgen_batch_size_sum": "batch_rows",
+    "textgen_generated_tokens_total": "generated_tokens",
+}
+
+
+def scrape_server(metrics_port: int) -> dict[str, float]:
+    """The server's own step and token counters (summed over models) from its /metrics; {} if unreachable."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{metrics_port}/metrics", timeout=5.0) as response:
+            text = response.read().decode("utf-8")
+    except OSError:
+        return {}
+    totals = dict.fromkeys(SCRAPED.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in SCRAPED:
+                totals[SCRAPED[sample.name]] += sample.value
+    return totals
+
+
+def server_view(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float | None]:
+    """What the server says happened during a level: steps, mean batch, mean step time, share of time in steps."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in after}
+    steps = d["steps"]
+    return {
+        "server_steps": steps,
+        "server_generated_tokens": d["generated_tokens"],
+        "server_mean_batch": d["batch_rows"] / steps if steps else None,
+        "server_step_ms_mean": 1000.0 * d["step_seconds"] / steps if steps else None,
+        "server_step_share": d["step_seconds"] / seconds if seconds > 0 else None,
+    }
+
+
 def run_load(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]:
     """Run ``python -m module args --out-json F`` in its own process and return the JSON it wrote."""
     with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
@@ -463,11 +506,13 @@ def measure_level(
     """One concurrency level against a running server, with the server's RSS before and at peak."""
     before = server.rss_kb() or 0
     cpu_before = cpu_seconds(server.pid) or 0.0
+    counters_before = scrape_server(server.metrics_port)
     args = ["--target", server.target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
     args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
     with RssSampler(server.pid) as sampler:
         summary = run_load("benchmarks.e2e_bench", args, timeout=timeout + 60.0)
     cpu_after = cpu_seconds(server.pid)
+    summary.update(server_view(counters_before, scrape_server(server.metrics_port), summary["seconds"]))
     summary.update(
         server_cpu_s=None if cpu_after is None else cpu_after - cpu_before,
         streams=streams,

@@ -181,8 +181,9 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         lines += [
             "| streams | tokens/stream | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-            "| errors | server RSS KiB/stream: level / since warm-up | tokens/message | server CPU % | client CPU % |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| errors | server RSS KiB/stream: level / since warm-up | tokens/message | server CPU % | client CPU % "
+            "| mean batch | ms/step | time in steps % |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in part.get("levels", []):
             lines.append(
@@ -191,7 +192,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(r['server_rss_kb_per_stream'])} / {_f(r.get('server_rss_kb_per_stream_since_warmup'))} "
                 f"| {_f(r.get('tokens_per_message'), 2)} "
                 f"| {_f(_percent(r.get('server_cpu_s'), r.get('seconds')), 0)} "
-                f"| {_f(r.get('client_cpu_percent'), 0)} |"
+                f"| {_f(r.get('client_cpu_percent'), 0)} | {_f(r.get('server_mean_batch'))} "
+                f"| {_f(r.get('server_step_ms_mean'), 2)} | {_f(_percent(r.get('server_step_share'), 1.0), 0)} |"
             )
         lines.append("")
     inter = results.get("interference", {})
