@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = textgen_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# SERVING from the moment the server answers until shutdown, whether or not a model
+# is loaded: what a liveness probe should ask (an empty repository is not a crash).
+LIVENESS_SERVICE = "textgen.liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -101,6 +104,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         for service in HEALTH_SERVICES:
             await self.health.set(service, NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         try:
             # Read before anything binds: a bad file is a clean startup error.
             credentials = (

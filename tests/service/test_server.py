@@ -337,7 +337,7 @@ def test_not_serving_until_a_model_is_loaded_then_serving(
 ) -> None:
     import asyncio
 
-    from service.server import Server
+    from service.server import LIVENESS_SERVICE, Server
     from tests.service.conftest import make_config
 
     empty = tmp_path / "models"
@@ -356,6 +356,9 @@ def test_not_serving_until_a_model_is_loaded_then_serving(
             health = health_pb2_grpc.HealthStub(channel)
             check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
             assert health.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Not ready, but alive: a liveness probe must not restart a server that has no model yet.
+            alive = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+            assert health.Check(alive, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.RpcError) as caught:
                 c.complete("The ", max_tokens=2)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
