@@ -72,14 +72,18 @@ def resolve_version(path: str) -> str:
 
 
 def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """One id from ``logits`` (V,): argmax at temperature 0, else softmax(logits / T) over the top k."""
+    """One id from ``logits`` (V,): argmax at temperature 0, else softmax(logits / T) over the top k.
+
+    Padding (id 0) is never a real token, so it is never drawn.
+    """
+    scaled = logits.astype(np.float64)
+    scaled[0] = -np.inf
     if temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if 0 < top_k < len(scaled):
+        return int(np.argmax(scaled))
+    scaled = scaled / temperature
+    if 0 < top_k < len(scaled) - 1:
         kth = np.partition(scaled, -top_k)[-top_k]
         scaled = np.where(scaled >= kth, scaled, -np.inf)
-    scaled[0] = -np.inf  # padding is never a real token
     probs = np.exp(scaled - np.max(scaled))
     probs /= probs.sum()
     return int(rng.choice(len(probs), p=probs))
