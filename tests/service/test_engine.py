@@ -308,3 +308,59 @@ def test_wake_interval_groups_wake_ups_and_the_last_one_is_never_held(model):
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
     finally:
         engine.stop(5.0)
+
+
+def test_waiting_requests_can_be_cancelled_or_expire_in_the_queue(model):
+    engine = Engine(EngineConfig(max_concurrent=1, max_queue=4, max_batch_size=1))
+    engine.start()
+    try:
+
+        async def run() -> tuple[Chunk, Chunk, Chunk]:
+            loop = asyncio.get_running_loop()
+            running = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), loop)
+            await running.next_chunk()
+            queued = engine.submit(model, PROMPT, SamplingParams(max_tokens=5), loop)
+            expiring = engine.submit(model, PROMPT, SamplingParams(max_tokens=5), loop, time.monotonic() + 0.1)
+            assert engine.waiting == 2
+            queued.cancel()
+            cancelled = (await collect(queued))[1][-1]
+            expired = (await collect(expiring))[1][-1]
+            assert engine.waiting == 0 and engine.active == 1
+            running.cancel()
+            return cancelled, expired, (await collect(running))[1][-1]
+
+        cancelled, expired, running = asyncio.run(run())
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 0
+        assert expired.finish_reason == "deadline" and expired.completion_tokens == 0
+        assert running.finish_reason == "cancelled"
+        assert wait_until(lambda: engine.active == 0 and engine.waiting == 0)
+    finally:
+        engine.stop(5.0)
+
+
+def test_stop_cancels_running_streams_and_joins(model):
+    engine = Engine(EngineConfig())
+    engine.start()
+
+    async def run() -> Chunk:
+        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop())
+        await stream.next_chunk()
+        await asyncio.to_thread(engine.stop, 5.0)
+        return (await asyncio.wait_for(collect(stream), 5.0))[1][-1]
+
+    assert asyncio.run(run()).finish_reason == "cancelled"
+    assert engine.active == 0
+
+
+def test_include_tokens_with_a_stop_sequence(engine, model):
+    full, chunks = generate(engine, model, PROMPT, SamplingParams(max_tokens=40, temperature=0.0, include_tokens=True))
+    texts = [t for c in chunks for t in c.token_texts]
+    assert "".join(texts) == full
+    stop = full[10:12]
+    text, chunks = generate(
+        engine, model, PROMPT, SamplingParams(max_tokens=40, temperature=0.0, stop=(stop,), include_tokens=True)
+    )
+    assert text == full[: full.index(stop)]
+    ids = [i for c in chunks for i in c.token_ids]
+    assert len(ids) == chunks[-1].completion_tokens  # the tokens that made the stop text are counted
+    assert "".join(t for c in chunks for t in c.token_texts).startswith(text + stop)
