@@ -65,6 +65,11 @@ class EngineConfig:
     # while the engine runs (always at once when it goes idle): on a fast
     # model the cross-thread wake-up, not the model, is the cost of a step.
     wake_interval: float = 0.002
+    # A prompt longer than this many tokens that arrives while its (model,
+    # version) has running rows is prefilled by a worker thread with the
+    # ``prefill`` signature, beside the decode steps, and joins the batch with
+    # its state; shorter prompts ride in the batch. 0: every prompt rides.
+    prefill_threshold: int = 32
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent", "max_batch_size"):
@@ -72,6 +77,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.prefill_threshold < 0:
+            raise ValueError(f"prefill_threshold must be >= 0, got {self.prefill_threshold}")
         if not 0.0 <= self.wake_interval <= 1.0:
             raise ValueError(f"wake_interval must be in [0, 1] seconds, got {self.wake_interval}")
 
@@ -248,6 +255,7 @@ class _Batch:
     params_t: tuple | None = None  # (temperature, top_k, top_p, seed)
     tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
     want_logprobs: bool = False
+    prefilling: int = 0  # rows of this batch at the prefill worker
 
     ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
 
@@ -297,6 +305,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._waker_thread: _WakerThread | None = None
+        self._prefiller: _Prefiller | None = None
+        self._prefilled: list[_Prefilled] = []  # results from the prefill worker (under _cond)
         # engine-thread only
         self._waiting: collections.deque[Stream] = collections.deque()
         self._batches: dict[LoadedModel, _Batch] = {}
@@ -328,6 +338,8 @@ class Engine:
         if self._thread is not None:
             return
         self._waker_thread = _WakerThread()
+        if self.config.prefill_threshold > 0:
+            self._prefiller = _Prefiller(self)
         self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
         self._thread.start()
 
@@ -381,8 +393,15 @@ class Engine:
         if self._thread is not None:
             began = time.monotonic()
             self._thread.join(timeout)
+            if self._prefiller is not None:
+                self._prefiller.stop(max(0.1, timeout - (time.monotonic() - began)))
             if self._waker_thread is not None:
                 self._waker_thread.stop(max(0.1, timeout - (time.monotonic() - began)))
+
+    def _post_prefilled(self, result: _Prefilled) -> None:
+        with self._cond:
+            self._prefilled.append(result)
+            self._cond.notify()
 
     def _request_cancel(self, stream: Stream) -> None:
         with self._cond:
@@ -398,6 +417,7 @@ class Engine:
                     and not self._cancels
                     and not self._waiting
                     and not self._batches
+                    and not self._prefilled
                     and not self._stopping
                 ):
                     self._set_gauges()
@@ -406,6 +426,7 @@ class Engine:
                     self._cond.wait()
                 incoming, self._incoming = self._incoming, []
                 cancels, self._cancels = self._cancels, []
+                prefilled, self._prefilled = self._prefilled, []
                 stopping = self._stopping
             self._waiting.extend(incoming)
             if stopping:
@@ -413,17 +434,19 @@ class Engine:
                 return
             began = time.perf_counter()
             try:
-                self._iterate(cancels)
+                self._iterate(cancels, prefilled)
             except Exception as exc:  # never let the thread die with streams waiting on it
                 log.exception("engine iteration failed")
                 self._fail_everything(f"internal engine error: {type(exc).__name__}: {exc}")
                 self._flush_wakeups(force=True)
             self.busy_seconds += time.perf_counter() - began
 
-    def _iterate(self, cancels: list[Stream]) -> None:
+    def _iterate(self, cancels: list[Stream], prefilled: list[_Prefilled]) -> None:
         now = time.monotonic()
         for stream in cancels:
             self._finish_stream(stream, "cancelled", now)
+        for result in prefilled:
+            self._join_from_worker(result, now)
         admitted = self._admit(now)
         batches = list(self._batches.values())
         if batches:
@@ -452,6 +475,7 @@ class Engine:
         with self._cond:
             room = self.config.max_concurrent - self._n_active
         still: collections.deque[Stream] = collections.deque()
+        to_worker: list[tuple[_Batch, _Row]] = []
         n_admitted = 0
         for stream in self._waiting:
             if stream.finished:
@@ -460,7 +484,7 @@ class Engine:
                 self._finish_stream(stream, "deadline", now)
                 continue
             batch = self._batches.get(stream.model)
-            size = len(batch.rows) + len(admitted.get(batch, [])) if batch is not None else 0
+            size = len(batch.rows) + batch.prefilling + len(admitted.get(batch, [])) if batch is not None else 0
             if n_admitted >= room or size >= self.config.max_batch_size:
                 still.append(stream)
                 continue
@@ -474,15 +498,22 @@ class Engine:
                 prompt_ids=stream._prompt_ids,
                 last_id=stream._prompt_ids[-1] if stream.prompt_tokens else None,
             )
-            admitted.setdefault(batch, []).append(row)
             self._rows_by_stream[stream] = (batch, row)
             n_admitted += 1
+            threshold = self.config.prefill_threshold
+            if self._prefiller is not None and batch.rows and len(row.prompt_ids) > threshold:
+                batch.prefilling += 1
+                to_worker.append((batch, row))
+            else:
+                admitted.setdefault(batch, []).append(row)
             if self.metrics is not None:
                 mm = self._mm(stream.model.name)
                 mm.queue_duration.observe(now - stream.submitted_at)
                 if stream.prompt_tokens:
                     mm.prompt_tokens.inc(stream.prompt_tokens)
         self._waiting = still
+        if to_worker and self._prefiller is not None:
+            self._prefiller.post(to_worker)
         if n_admitted:
             with self._cond:
                 self._n_waiting -= n_admitted
@@ -583,32 +614,50 @@ class Engine:
 
     def _prefill(self, batch: _Batch, new_rows: list[_Row]) -> None:
         """No row is running: prefill all new prompts in one call and sample their first tokens."""
-        model = batch.model
-        n = len(new_rows)
-        lengths = np.array([len(r.prompt_ids) for r in new_rows], np.int32)
-        tokens = np.zeros((n, int(lengths.max())), np.int32)
-        for i, row in enumerate(new_rows):
-            tokens[i, : lengths[i]] = row.prompt_ids
-            row.cursor = len(row.prompt_ids)
-        self._set_rows(batch, new_rows, np.zeros(n, np.int32), np.zeros(n, np.int64))
         self._flush_wakeups()
-        started = time.perf_counter()
-        batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
-        batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
-        ids_t, logprobs_t, batch.state = model.prefill_sample(
-            tf.constant(tokens), tf.constant(lengths), *batch.params_t, tf.constant(batch.position)
-        )
-        ids = ids_t.numpy()
-        logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(n, np.float32)
-        batch.tokens_t = ids_t
-        elapsed = time.perf_counter() - started
+        ids, logprobs, state, elapsed = _prefill_call(batch.model, new_rows)
         if self.metrics is not None:
-            mm = self._mm(model.name)
+            mm = self._mm(batch.model.name)
             mm.step_duration.observe(elapsed)
-            mm.batch_size.observe(n)
+            mm.batch_size.observe(len(new_rows))
         self.steps += 1
         self.decode_seconds += elapsed
-        self._deliver(batch, ids, logprobs, None)
+        self._join_prefilled(batch, new_rows, ids, logprobs, state)
+
+    def _join_prefilled(
+        self, batch: _Batch, rows: list[_Row], ids: np.ndarray, logprobs: np.ndarray, state: Any
+    ) -> None:
+        """Rows whose prompt was prefilled join the batch with their state and receive their first token."""
+        old_n = len(batch.rows)
+        n = len(rows)
+        for row in rows:
+            row.cursor = len(row.prompt_ids)
+        old_state = batch.state
+        self._set_rows(batch, rows, np.zeros(n, np.int32), np.zeros(n, np.int64))
+        batch.state = state if old_state is None or not old_n else tf.concat([old_state, state], 0)
+        all_ids = np.zeros(old_n + n, np.int32)
+        all_ids[old_n:] = ids
+        all_logprobs = np.zeros(old_n + n, np.float32)
+        all_logprobs[old_n:] = logprobs
+        self._deliver(batch, all_ids, all_logprobs, np.arange(old_n, old_n + n))
+
+    def _join_from_worker(self, result: _Prefilled, now: float) -> None:
+        for waiting_in in result.batches:
+            waiting_in.prefilling -= 1
+        if result.error is not None:
+            for row in result.rows:
+                self._finish_stream(row.stream, "error", now, error=result.error)
+            return
+        keep = [i for i, row in enumerate(result.rows) if not row.done]  # cancelled meanwhile: dropped
+        if not keep:
+            return
+        rows = [result.rows[i] for i in keep]
+        state = result.state if len(keep) == len(result.rows) else tf.gather(result.state, keep)
+        target = self._batches.get(result.model)
+        if target is None:
+            target = self._batches[result.model] = _Batch(result.model)
+        self._compact(target)
+        self._join_prefilled(target, rows, result.ids[keep], result.logprobs[keep], state)
 
     def _append_riding(self, batch: _Batch, new_rows: list[_Row]) -> None:
         """New rows join the running batch with a zero state, feeding their prompt one token per step."""
@@ -677,9 +726,8 @@ class Engine:
 
     def _fail_everything(self, message: str) -> None:
         now = time.monotonic()
-        for batch in list(self._batches.values()):
-            for row in batch.rows:
-                self._finish_stream(row.stream, "error", now, error=message)
+        for stream in list(self._rows_by_stream):
+            self._finish_stream(stream, "error", now, error=message)
         self._batches.clear()
         for stream in self._waiting:
             self._finish_stream(stream, "error", now, error=message)
@@ -687,9 +735,8 @@ class Engine:
 
     def _shutdown(self) -> None:
         now = time.monotonic()
-        for batch in list(self._batches.values()):
-            for row in batch.rows:
-                self._finish_stream(row.stream, "cancelled", now)
+        for stream in list(self._rows_by_stream):  # running, and at the prefill worker
+            self._finish_stream(stream, "cancelled", now)
         self._batches.clear()
         with self._cond:
             incoming, self._incoming = self._incoming, []
@@ -749,6 +796,93 @@ class Engine:
             mm.active_sequences.set(active[name])
             mm.waiting_requests.set(waiting[name])
         self._gauge_names = set(active) | set(waiting)
+
+
+def _prefill_call(model: LoadedModel, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray, Any, float]:
+    """Run ``prefill`` + sampler on the rows' prompts (right-padded); position 0 for every row."""
+    n = len(rows)
+    lengths = np.array([len(r.prompt_ids) for r in rows], np.int32)
+    tokens = np.zeros((n, int(lengths.max())), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : lengths[i]] = row.prompt_ids
+    params = [r.stream.params for r in rows]
+    started = time.perf_counter()
+    ids_t, logprobs_t, state = model.prefill_sample(
+        tf.constant(tokens),
+        tf.constant(lengths),
+        tf.constant(np.array([p.temperature for p in params], np.float32)),
+        tf.constant(np.array([p.top_k for p in params], np.int32)),
+        tf.constant(np.array([p.top_p for p in params], np.float32)),
+        tf.constant(np.array([_as_int64(r.stream.seed) for r in rows], np.int64)),
+        tf.zeros([n], tf.int64),
+    )
+    ids = ids_t.numpy()
+    logprobs = logprobs_t.numpy()
+    return ids, logprobs, state, time.perf_counter() - started
+
+
+@dataclass(eq=False)
+class _Prefilled:
+    """What the prefill worker hands back to the engine thread."""
+
+    model: LoadedModel
+    batches: list[_Batch]
+    rows: list[_Row]
+    ids: np.ndarray
+    logprobs: np.ndarray
+    state: Any
+    error: str | None = None
+
+
+class _Prefiller:
+    """Prefills long prompts with the ``prefill`` signature while the engine thread keeps stepping.
+
+    It only computes: the engine thread still owns every active row. A
+    result (state, first token) goes back through the engine's condition, and
+    the engine joins the rows to their batch at its next iteration.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._jobs: list[tuple[_Batch, _Row]] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="textgen-engine-prefill", daemon=True)
+        self._thread.start()
+
+    def post(self, jobs: list[tuple[_Batch, _Row]]) -> None:
+        with self._cond:
+            self._jobs.extend(jobs)
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                jobs, self._jobs = self._jobs, []
+            groups: dict[LoadedModel, list[tuple[_Batch, _Row]]] = {}
+            for batch, row in jobs:
+                groups.setdefault(batch.model, []).append((batch, row))
+            for model, group in groups.items():
+                batches = [b for b, _ in group]
+                rows = [r for _, r in group]
+                try:
+                    ids, logprobs, state, _ = _prefill_call(model, rows)
+                    result = _Prefilled(model, batches, rows, ids, logprobs, state)
+                except Exception as exc:
+                    log.exception("prefill failed for model %s", model.key)
+                    message = f"model {model.key} prefill failed: {type(exc).__name__}: {_error_summary(exc)}"
+                    result = _Prefilled(model, batches, rows, np.zeros(0), np.zeros(0), None, message)
+                self._engine._post_prefilled(result)
 
 
 class _WakerThread:

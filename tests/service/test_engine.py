@@ -269,28 +269,72 @@ def test_word_model_generates_spaced_words(engine, word_model):
     assert len(words) >= 10
 
 
-def test_a_long_prompt_rides_along_without_stalling_running_streams(engine, model):
-    long_prompt = ("The object " * 60)[:600]
+async def _long_prompt_arrives(engine: Engine, model: LoadedModel, long_prompt: str) -> tuple[int, int]:
+    """A stream runs; a long prompt arrives. Returns (engine steps, tokens the running stream got) until the
+    long prompt's first token."""
+    loop = asyncio.get_running_loop()
+    running = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000, seed=1), loop)
+    before = (await running.next_chunk()).completion_tokens
+    steps_before = engine.steps
+    late = engine.submit(model, long_prompt, SamplingParams(max_tokens=3, seed=2), loop)
+    await late.next_chunk()
+    steps = engine.steps - steps_before
+    got = (await running.next_chunk()).completion_tokens - before
+    running.cancel()
+    await collect(running)
+    await collect(late)
+    return steps, got
 
-    async def run() -> tuple[int, Chunk]:
-        loop = asyncio.get_running_loop()
-        running = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000, seed=1), loop)
-        await running.next_chunk()
-        steps_before = engine.steps
-        late = engine.submit(model, long_prompt, SamplingParams(max_tokens=3, seed=2), loop)
-        await late.next_chunk()  # its first token comes after its 600 prompt tokens
-        steps = engine.steps - steps_before
-        progress = await running.next_chunk()
-        running.cancel()
-        await collect(running)
-        await collect(late)
-        return steps, progress
 
-    steps, progress = asyncio.run(run())
-    # The prompt was fed one token per shared step (no separate prefill stalled the running stream),
-    # and the running stream got a token at each of those steps.
+LONG_PROMPT = ("The object " * 60)[:600]
+
+
+def test_a_long_prompt_rides_along_without_stalling_running_streams(model):
+    engine = Engine(EngineConfig(prefill_threshold=0))  # every prompt rides
+    engine.start()
+    try:
+        steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
+    finally:
+        engine.stop(5.0)
+    # The prompt was fed one token per shared step, and the running stream got a token at each of them.
     assert steps >= 600
-    assert progress.completion_tokens >= 600
+    assert got >= 600
+
+
+def test_a_long_prompt_is_prefilled_beside_running_streams(engine, model):
+    steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
+    # The prefill worker made the first token come long before 600 steps, and the running stream
+    # kept getting a token at every engine step meanwhile.
+    assert steps < 600
+    assert got >= steps - 1
+
+
+async def _seeded_in_a_crowd(engine: Engine, model: LoadedModel, prompt: str, params: SamplingParams) -> str:
+    loop = asyncio.get_running_loop()
+    others = [engine.submit(model, PROMPT, SamplingParams(max_tokens=200), loop) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    ours = engine.submit(model, prompt, params, loop)  # rides or goes to the prefill worker
+    text = (await collect(ours))[0]
+    for s in others:
+        s.cancel()
+        await collect(s)
+    return text
+
+
+def test_prefilled_riding_and_idle_prompts_give_the_same_seeded_text(model):
+    prompt = ("A seeded prompt that is longer than the prefill threshold. " * 3)[:150]
+    params = SamplingParams(max_tokens=40, temperature=0.8, seed=77)
+    texts = []
+    for threshold in (0, 32):
+        engine = Engine(EngineConfig(prefill_threshold=threshold))
+        engine.start()
+        try:
+            texts.append(generate(engine, model, prompt, params)[0])  # alone: idle prefill
+
+            texts.append(asyncio.run(_seeded_in_a_crowd(engine, model, prompt, params)))
+        finally:
+            engine.stop(5.0)
+    assert len(set(texts)) == 1, texts
 
 
 def test_wake_interval_groups_wake_ups_and_the_last_one_is_never_held(model):
