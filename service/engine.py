@@ -68,8 +68,10 @@ class EngineConfig:
     # A prompt longer than this many tokens that arrives while its (model,
     # version) has running rows is prefilled by a worker thread with the
     # ``prefill`` signature, beside the decode steps, and joins the batch with
-    # its state; shorter prompts ride in the batch. 0: every prompt rides.
-    prefill_threshold: int = 32
+    # its state; shorter prompts ride in the batch. 0 (the default): every
+    # prompt rides, which keeps running streams flattest on a small CPU; the
+    # worker gives long prompts a much earlier first token (docs/engine.md).
+    prefill_threshold: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent", "max_batch_size"):

@@ -301,8 +301,13 @@ def test_a_long_prompt_rides_along_without_stalling_running_streams(model):
     assert got >= 600
 
 
-def test_a_long_prompt_is_prefilled_beside_running_streams(engine, model):
-    steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
+def test_a_long_prompt_is_prefilled_beside_running_streams(model):
+    engine = Engine(EngineConfig(prefill_threshold=32))
+    engine.start()
+    try:
+        steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
+    finally:
+        engine.stop(5.0)
     # The prefill worker made the first token come long before 600 steps, and the running stream
     # kept getting a token at every engine step meanwhile.
     assert steps < 600
