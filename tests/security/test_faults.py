@@ -134,3 +134,34 @@ def test_out_of_memory_is_resource_exhausted_for_the_requests_it_hit(server: Run
         assert responses[-1].usage.completion_tokens == 2000
         assert client.complete("abc", model="faulty", max_tokens=4, seed=2).usage.completion_tokens == 4
     _assert_healthy(server)
+
+
+def test_a_client_that_never_reads_cannot_stall_others(two_models: Path) -> None:
+    """The engine never waits for a reader; the stalled RPC ends when its connection's age + grace run out."""
+    running = RunningServer(make_config(two_models, default_model="tiny", max_connection_age=3.0, grace_seconds=1.0))
+    try:
+        n = 5000
+        # A small HTTP/2 receive window, never read: the server's writes block on flow control at once.
+        small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+        with grpc.insecure_channel(running.target, options=small_window) as stalled_channel:
+            stalled = TextGenClient(running.target, channel=stalled_channel)
+            call = stalled.generate("The ", max_tokens=n, seed=11)
+            next(call)  # one message read, then never again
+            with running.client() as other:
+                for seed in range(3):
+                    done = other.complete("The ", max_tokens=200, seed=seed)
+                    assert done.usage.completion_tokens == 200
+            # The stalled stream's row left the batch unread (at max_tokens, or when its RPC was ended):
+            # the engine buffered at most max_tokens tokens for it.
+            engine = running.server.engine
+            assert wait_until(lambda: engine.active == 0 and engine.waiting == 0, 60)
+            assert 3 * 200 < running.sample("textgen_generated_tokens_total") <= n + 3 * 200
+            # The server ends the stalled RPC itself (connection age + grace), freeing what it held.
+            assert wait_until(lambda: running.sample("textgen_requests_total") == 4, 60)
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in call:
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert running.sample("textgen_active_sequences") == 0
+    finally:
+        running.stop(grace=0)
