@@ -305,7 +305,7 @@ class ModelRepository:
         metrics: ServingMetrics | None = None,
         poll_seconds: float = 0.0,
         keep_versions: int = 1,
-        warmup_batch_sizes: Iterable[int] = (1,),
+        warmup_batch_sizes: Iterable[int] = (1, 8, 64),
         on_change: Callable[[], None] | None = None,
     ) -> None:
         if keep_versions < 1:

@@ -317,7 +317,7 @@ def _rss_mb() -> float:
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read RSS")
 def test_memory_is_returned_after_unloads(tmp_path, good_version):
     """20 load/unload cycles after 3 warm-up cycles: RSS grows by less than 20 MB (seen: about 1 MB)."""
-    repo = ModelRepository(str(tmp_path))
+    repo = ModelRepository(str(tmp_path), warmup_batch_sizes=(1,))
     before = 0.0
     for version in range(1, 24):
         place(good_version, tmp_path, "tiny", version)
