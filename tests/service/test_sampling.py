@@ -184,3 +184,20 @@ def test_hundreds_of_stop_sequences():
     assert m.feed("go sto") == ("go ", False)
     assert m.feed("p04") == ("", False)  # could still become stop040..stop049
     assert m.feed("9!") == ("", True)
+
+
+def test_extreme_parameters_still_give_valid_tokens(sampler):
+    logits = _random_logits(6, seed=4) * 50.0
+    ids, logprobs = _run(
+        sampler,
+        logits,
+        temperature=[1e-30, 1e-6, 1e6, 1.0, 1.0, 1.0],
+        top_k=[0, 0, 0, 10_000, -3, 0],
+        top_p=[1.0, 1.0, 1.0, 1.0, 1.0, 1e-9],
+        seed=[0, -1, 2**63 - 1, -(2**63), 5, 6],
+    )
+    assert ((ids >= 1) & (ids < VOCAB)).all()  # never padding, always in the vocabulary
+    assert np.isfinite(logprobs).all()
+    masked = logits.copy()
+    masked[:, 0] = -np.inf
+    assert ids[0] == masked[0].argmax() and ids[5] == masked[5].argmax()  # ~greedy: tiny T, tiny top_p
