@@ -104,7 +104,9 @@ def add_to_server(servicer: TextGenerationServicer, server: grpc.aio.Server) -> 
 def _request_id(request: textgen_pb2.GenerateRequest | MalformedRequest) -> str:
     if isinstance(request, MalformedRequest) or not request.request_id:
         return uuid.uuid4().hex
-    return request.request_id
+    request_id: str = request.request_id
+    # It goes into log lines: control characters (a newline could forge a line) are escaped.
+    return request_id if request_id.isprintable() else ascii(request_id)[1:-1]
 
 
 @dataclass(frozen=True)
