@@ -22,7 +22,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -191,27 +191,46 @@ def _bounded_run(step_once: Callable[[], None], max_steps: int, seconds: float) 
     return n, time.perf_counter() - start
 
 
-def _batch_rate(runner: StepRunner, batch: int, config: EngineBenchConfig) -> dict[str, Any]:
-    one = runner(batch)
-    for _ in range(2):  # trace and warm up
-        one()
-    rates, step_ms = [], []
-    for _ in range(config.repeats):
-        n, elapsed = _bounded_run(one, config.max_steps, config.repeat_seconds)
-        rates.append(batch * n / elapsed)
-        step_ms.append(1000.0 * elapsed / n)
-    return {
-        "batch": batch,
-        "tokens_per_s": statistics.median(rates),
-        "tokens_per_s_all": rates,
-        "step_ms": statistics.median(step_ms),
-    }
+@dataclass
+class _Case:
+    """One thing to time: a call, how many tokens it makes, and its measurements."""
+
+    one: Callable[[], None]
+    tokens_per_call: int
+    max_calls: int
+    rates: list[float] = field(default_factory=list)
+    call_ms: list[float] = field(default_factory=list)
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": statistics.median(self.rates),
+            "tokens_per_s_all": self.rates,
+            "call_ms": statistics.median(self.call_ms),
+        }
+
+
+def _run_interleaved(cases: list[_Case], repeats: int, seconds: float) -> None:
+    """Warm every case up, then time them round-robin, so a burst of load elsewhere hits all cases alike."""
+    for case in cases:
+        for _ in range(2):  # trace and warm up
+            case.one()
+    for _ in range(repeats):
+        for case in cases:
+            n, elapsed = _bounded_run(case.one, case.max_calls, seconds)
+            case.rates.append(case.tokens_per_call * n / elapsed)
+            case.call_ms.append(1000.0 * elapsed / n)
 
 
 def measure_batched(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
     """Tokens/s of the decode step at each batch size (median over repeats)."""
     runner, kind = engine_runner(bench.path, bench.state_size, config.temperature)
-    rows = [_batch_rate(runner, batch, config) for batch in config.batch_sizes]
+    cases = [_Case(runner(batch), batch, config.max_steps) for batch in config.batch_sizes]
+    _run_interleaved(cases, config.repeats, config.repeat_seconds)
+    rows = []
+    for batch, case in zip(config.batch_sizes, cases, strict=True):
+        row = case.row
+        rows.append({"batch": batch, **row, "step_ms": row.pop("call_ms")})
     return {"decode_fn": kind, "rows": rows}
 
 
@@ -265,18 +284,27 @@ def measure_variants(bench: BenchModel, config: EngineBenchConfig) -> dict[str, 
     """Tokens/s of decode variants at a few batch sizes: no sampler, and K steps per call (``tf.while_loop``)."""
     variants = [("step + argmax, 1 step per call", 1, False)]
     variants += [(f"step + sampler, {k} steps per call", k, True) for k in config.steps_per_call]
-    rows = []
+    keys, cases = [], []
     for name, k, sampled in variants:
         runner = _multi_step_runner(bench.path, bench.state_size, config.temperature, k, sampled)
         for batch in config.variant_batch_sizes:
-            row = _batch_rate(
-                runner, batch, replace(config, repeats=config.variant_repeats, max_steps=max(3, config.max_steps // k))
-            )
-            row.update(variant=name, steps_per_call=k, sampler=sampled)
-            row["tokens_per_s"] *= k  # a call made k tokens per row
-            row["tokens_per_s_all"] = [r * k for r in row["tokens_per_s_all"]]
-            row["ms_per_step"] = row.pop("step_ms") / k
-            rows.append(row)
+            keys.append((name, k, sampled, batch))
+            cases.append(_Case(runner(batch), batch * k, max(3, config.max_steps // k)))
+    _run_interleaved(cases, config.variant_repeats, config.repeat_seconds)
+    rows = []
+    for (name, k, sampled, batch), case in zip(keys, cases, strict=True):
+        row = case.row
+        ms_per_step = row.pop("call_ms") / k
+        rows.append(
+            {
+                "variant": name,
+                "steps_per_call": k,
+                "sampler": sampled,
+                "batch": batch,
+                **row,
+                "ms_per_step": ms_per_step,
+            }
+        )
     return {"rows": rows}
 
 
