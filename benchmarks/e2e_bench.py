@@ -409,9 +409,10 @@ class Profiler:
 
 
 def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
-    """Shares of samples by function (file:line dropped): where they were on top (self) and anywhere (inclusive)."""
+    """Shares of samples by thread, and by function (file:line dropped): on top (self) and anywhere (inclusive)."""
     self_counts: dict[str, int] = {}
     inclusive: dict[str, int] = {}
+    threads: dict[str, int] = {}
     total = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -421,6 +422,8 @@ def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
             count = int(count_text)
             total += count
             frames = [_frame_name(fr) for fr in stack.split(";")]
+            thread = _thread_of(frames)
+            threads[thread] = threads.get(thread, 0) + count
             self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
             for name in set(frames):
                 inclusive[name] = inclusive.get(name, 0) + count
@@ -431,9 +434,18 @@ def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "threads": ranked(threads) if total else [],
         "self": ranked(self_counts) if total else [],
         "inclusive": ranked(inclusive) if total else [],
     }
+
+
+def _thread_of(frames: list[str]) -> str:
+    """A thread's target (the frame under ``Thread.run``); stacks without one are the main thread's."""
+    for i, frame in enumerate(frames[:-1]):
+        if frame.startswith("Thread.run ("):
+            return frames[i + 1]
+    return "main thread (asyncio event loop: gRPC, servicer)"
 
 
 def _frame_name(frame: str) -> str:

@@ -222,6 +222,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"### Server profile at {prof['streams']} streams (py-spy, {prof['samples']} samples, "
             f"{_f(prof['tokens_per_s'])} tokens/s while profiled; raw stacks: `{prof['raw']}`)",
             "",
+            "| thread | share |",
+            "|---|---:|",
+            *[f"| `{name}` | {100 * share:.1f}% |" for name, share in prof.get("threads", [])],
+            "",
             "| on CPU in (self) | share | under (inclusive) | share |",
             "|---|---:|---|---:|",
         ]

@@ -61,6 +61,11 @@ def test_profile_summary_ranks_self_and_inclusive_time(tmp_path: Path) -> None:
     assert summary["samples"] == 10
     assert summary["self"][0] == ["decode (tf/def_function.py)", 0.6]
     assert summary["inclusive"][0] == ["run (a/engine.py)", 0.9]
+    assert summary["threads"] == [["main thread (asyncio event loop: gRPC, servicer)", 1.0]]
+    raw.write_text(
+        "Thread._bootstrap (t.py:1);Thread.run (threading.py:9);Engine._run (s/engine.py:4) 3\nmain (m.py:1) 1\n"
+    )
+    assert summarize_profile(str(raw))["threads"][0] == ["Engine._run (s/engine.py)", 0.75]
 
 
 def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float):
