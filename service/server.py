@@ -74,6 +74,9 @@ class Server:
             poll_seconds=config.poll_seconds,
             keep_versions=config.keep_versions,
             on_change=self._models_changed,
+            # The decode functions take any batch size (one trace); warming up the largest
+            # batch too allocates its buffers before the first full step has to.
+            warmup_batch_sizes=sorted({1, 8, config.max_batch_size}),
         )
         self.engine = Engine(
             EngineConfig(
