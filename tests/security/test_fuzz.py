@@ -10,6 +10,7 @@ scraped ``textgen_active_sequences`` / ``textgen_waiting_requests`` are back at 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ models = st.one_of(
     st.text(max_size=40),
 )
 versions = st.one_of(st.sampled_from([0, 1, 2]), st.integers(0, U64))
-requests = st.fixed_dictionaries(
+wild = st.fixed_dictionaries(
     {
         "prompt": prompts,
         "max_tokens": small_or_huge,
@@ -69,6 +70,23 @@ requests = st.fixed_dictionaries(
         "request_id": st.text(max_size=200),
     }
 )
+# Requests that pass validation, with every field still at its edges: they reach the engine and sampler.
+plausible = st.fixed_dictionaries(
+    {
+        "prompt": st.one_of(st.text(max_size=64), st.text(min_size=500, max_size=1000)),
+        "max_tokens": st.integers(0, MAX_TOKENS_LIMIT),
+        "temperature": st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1e30), st.just(1e-30)),
+        "top_k": st.one_of(st.integers(0, 100), st.integers(0, U32)),
+        "top_p": st.floats(min_value=0.0, max_value=1.0),
+        "seed": st.one_of(st.none(), st.integers(0, U64)),
+        "stop": st.lists(st.text(min_size=1, max_size=32), max_size=8),
+        "model": st.sampled_from(["", "tiny"]),
+        "model_version": st.sampled_from([0, 1]),
+        "include_tokens": st.booleans(),
+        "request_id": st.text(max_size=128),
+    }
+)
+requests = st.one_of(wild, plausible)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +112,12 @@ def channel(fuzz_server: RunningServer) -> Iterator[grpc.Channel]:
         yield ch
 
 
+@pytest.fixture(scope="module")
+def seen() -> collections.Counter[str]:
+    """Status codes the generated requests got (so the last test can check the mix was not all one kind)."""
+    return collections.Counter()
+
+
 def _code_of(call: Any) -> tuple[grpc.StatusCode, str]:
     try:
         call()
@@ -114,7 +138,11 @@ def _assert_clean(fuzz_server: RunningServer, channel: grpc.Channel) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(fields=requests, streaming=st.booleans())
 def test_any_request_gets_a_documented_status(
-    fuzz_server: RunningServer, channel: grpc.Channel, fields: dict[str, Any], streaming: bool
+    fuzz_server: RunningServer,
+    channel: grpc.Channel,
+    seen: collections.Counter[str],
+    fields: dict[str, Any],
+    streaming: bool,
 ) -> None:
     request = build_request(**fields)  # protobuf narrows floats to float32; integers are in range by construction
     stub = textgen_pb2_grpc.TextGenerationStub(channel)
@@ -122,6 +150,7 @@ def test_any_request_gets_a_documented_status(
         code, details = _code_of(lambda: list(stub.Generate(request, timeout=60)))
     else:
         code, details = _code_of(lambda: stub.Complete(request, timeout=60))
+    seen[code.name] += 1
     assert code in ALLOWED, f"{code.name}: {details} for {fields!r:.500}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         assert details, "an INVALID_ARGUMENT must say what is wrong"
@@ -142,8 +171,14 @@ def test_undecodable_bytes_are_invalid_argument(
     assert code in ALLOWED, f"{code.name}: {details} for {payload!r:.200}"
 
 
-def test_server_is_clean_after_fuzzing(fuzz_server: RunningServer, channel: grpc.Channel) -> None:
+def test_server_is_clean_after_fuzzing(
+    fuzz_server: RunningServer, channel: grpc.Channel, seen: collections.Counter[str]
+) -> None:
     """Runs after the two properties above (file order): nothing leaked, health SERVING, limits still enforced."""
+    assert sum(seen.values()) >= 300, seen
+    print(f"fuzz: status codes of the generated requests: {dict(seen)}")
+    # Valid requests ran through the engine, and bad ones were refused.
+    assert seen["OK"] >= 60 and seen["INVALID_ARGUMENT"] >= 30 and seen["NOT_FOUND"] >= 1, seen
     _assert_clean(fuzz_server, channel)
     stub = textgen_pb2_grpc.TextGenerationStub(channel)
     code, details = _code_of(lambda: stub.Complete(build_request("x", max_tokens=MAX_TOKENS_LIMIT + 1), timeout=30))

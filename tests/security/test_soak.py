@@ -1,6 +1,6 @@
 """Soak: a few thousand requests with random cancellations leak nothing and keep RSS flat.
 
-2000 requests (tiny max_tokens, 32 at a time, Generate and Complete) against a real
+3000 requests (tiny max_tokens, 32 at a time, Generate and Complete) against a real
 in-process server; about a third are cancelled by the client at a random moment or given
 a deadline too short to meet. Afterwards: no active or waiting sequence in the engine,
 the scraped gauges at 0, no stream holding a model version, only OK / CANCELLED /
@@ -23,7 +23,7 @@ import pytest
 from service.client import AsyncTextGenClient
 from tests.service.conftest import RunningServer, make_config, wait_until
 
-TOTAL = 2000
+TOTAL = 3000
 WARMUP = 400
 CONCURRENCY = 32
 RSS_BOUND_MB = 30.0
