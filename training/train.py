@@ -12,6 +12,7 @@ checkpoints, TensorBoard logs and the exported version.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -225,6 +226,7 @@ class EpochEnd(keras.callbacks.Callback):
         # collectives); only the chief keeps its file.
         target_dir = self.config.checkpoint_dir if self.is_chief else tempfile.mkdtemp(prefix="textgen-ckpt-")
         tmp = os.path.join(target_dir, f".tmp-{uuid.uuid4().hex}.weights.h5")
+        self._check_room(target_dir)
         self.model.save_weights(tmp)
         if not self.is_chief:
             shutil.rmtree(target_dir, ignore_errors=True)
@@ -235,6 +237,19 @@ class EpochEnd(keras.callbacks.Callback):
         for path in glob.glob(os.path.join(target_dir, "epoch-*.weights.h5")):
             if os.path.basename(path) not in keep:
                 os.remove(path)
+
+    def _check_room(self, target_dir: str) -> None:
+        """Refuse a checkpoint that will not fit: HDF5 crashes the process (SIGSEGV) on a full disk mid-write."""
+        previous = [os.path.getsize(p) for p in glob.glob(os.path.join(target_dir, "epoch-*.weights.h5"))]
+        weights = sum(int(np.prod(w.shape)) * 4 for w in self.model.weights)
+        needed = max(previous + [2 * weights + 64 * 1024])
+        free = shutil.disk_usage(target_dir).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"no room for a checkpoint in {target_dir}: {free} bytes free, about {needed} needed; "
+                "free some space and continue with --resume",
+            )
 
 
 # --------------------------------------------------------------------- train
