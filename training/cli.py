@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except OSError as exc:  # a full or failing disk: the checkpoints written so far stay usable
+        print(f"textgen train: error: {exc}", file=sys.stderr)
+        return 1
     if result.export_path:
         summary = ", ".join(
             f"{k} {result.metrics[k]:.4f}"
