@@ -17,6 +17,7 @@ a server polling ``<base>`` never sees half a model.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -30,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.model import ModelConfig, pack_state, rnn_layers, unpack_state
+from training.model import ModelConfig, build_model, pack_state, rnn_layers, unpack_state
 from training.tokenizer import Tokenizer
 
 CONTRACT_VERSION = 1
@@ -114,10 +115,11 @@ def export_version(
     """
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has {config.vocab_size} logits")
+    serving = inference_copy(model, config)
     os.makedirs(base_dir, exist_ok=True)
     tmp = os.path.join(base_dir, f".tmp-{uuid.uuid4().hex}")
     try:
-        module = ServingModule(model, config)
+        module = ServingModule(serving, config)
         tf.saved_model.save(
             module,
             tmp,
@@ -143,6 +145,24 @@ def export_version(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def inference_copy(model: keras.Model, config: ModelConfig) -> keras.Model:
+    """The same weights in a fresh float32 model without dropout, outside any distribution strategy.
+
+    This is what gets exported: dropout layers carry seed-generator variables
+    that a SavedModel signature cannot capture, a mixed-precision model would
+    export float16 layers, and a model built under a strategy holds
+    distributed variables (call this outside ``strategy.scope()``).
+    """
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = build_model(dataclasses.replace(config, dropout=0.0))
+        copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    return copy
 
 
 def _fsync_tree(path: str) -> None:

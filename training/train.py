@@ -372,7 +372,7 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
         log.info("worker %d done; the chief exports", placement.cluster.task_index)
         return TrainResult("", metrics, "")
     path = export_version(
-        _serving_copy(model, prep.model_config),
+        model,
         prep.model_config,
         prep.tokenizer,
         config.out,
@@ -475,18 +475,6 @@ def _tensorboard_available() -> bool:
         log.warning("the tensorboard package is not installed: no TensorBoard logs")
         return False
     return True
-
-
-def _serving_copy(model: keras.Model, config: ModelConfig) -> keras.Model:
-    """A float32 copy outside any strategy and without optimizer: what gets exported."""
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        copy = build_model(config)
-        copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-    return copy
 
 
 def _final_metrics(progress: Progress) -> dict[str, Any]:

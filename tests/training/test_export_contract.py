@@ -39,11 +39,13 @@ class Exported:
     loaded: Any
 
 
-def _train_and_export(base: Path, level: str, cell: str, layers: int) -> Exported:
+def _train_and_export(base: Path, level: str, cell: str, layers: int, dropout: float) -> Exported:
     keras.utils.set_random_seed(3)
     tokenizer = Tokenizer(level=level).fit_on_texts([TEXT])
     ids = np.array(tokenizer.encode(TEXT), dtype=np.int32)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=12, units=24, layers=layers, cell=cell)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, embedding_dim=12, units=24, layers=layers, cell=cell, dropout=dropout
+    )
     model = build_model(config)
     model.compile(keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     seq = 16
@@ -54,13 +56,14 @@ def _train_and_export(base: Path, level: str, cell: str, layers: int) -> Exporte
     return Exported(model, config, tokenizer, path, tf.saved_model.load(path))
 
 
-CASES = [("char", "lstm", 2), ("word", "lstm", 2), ("char", "gru", 1), ("char", "rnn", 2)]
+# (level, cell, layers, dropout): dropout layers hold seed variables that must not reach the export.
+CASES = [("char", "lstm", 2, 0.0), ("word", "lstm", 2, 0.2), ("char", "gru", 1, 0.1), ("char", "rnn", 2, 0.0)]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{lv}-{c}-{n}" for lv, c, n in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{lv}-{c}-{n}-{d}" for lv, c, n, d in CASES])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    level, cell, layers = request.param
-    return _train_and_export(tmp_path_factory.mktemp(f"{level}-{cell}"), level, cell, layers)
+    level, cell, layers, dropout = request.param
+    return _train_and_export(tmp_path_factory.mktemp(f"{level}-{cell}"), level, cell, layers, dropout)
 
 
 def _prefill(e: Exported, rows: list[list[int]], pad_to: int | None = None) -> dict[str, np.ndarray]:
