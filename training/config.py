@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "units": 320,
         "embedding_dim": 64,
         "batch_size": 64,
-        "dropout": 0.0,
+        "dropout": 0.1,
         "learning_rate": 0.004,
     },
 }
