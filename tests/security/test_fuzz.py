@@ -86,7 +86,13 @@ plausible = st.fixed_dictionaries(
         "request_id": st.text(max_size=128),
     }
 )
-requests = st.one_of(wild, plausible)
+# Valid requests for models and versions that may not exist (names of any kind, versions up to 2**64-1).
+odd_model = plausible.flatmap(
+    lambda fields: st.fixed_dictionaries({"model": models, "model_version": versions}).map(
+        lambda named: {**fields, **named}
+    )
+)
+requests = st.one_of(wild, plausible, odd_model)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +184,7 @@ def test_server_is_clean_after_fuzzing(
     assert sum(seen.values()) >= 300, seen
     print(f"fuzz: status codes of the generated requests: {dict(seen)}")
     # Valid requests ran through the engine, and bad ones were refused.
-    assert seen["OK"] >= 60 and seen["INVALID_ARGUMENT"] >= 30 and seen["NOT_FOUND"] >= 1, seen
+    assert seen["OK"] >= 40 and seen["INVALID_ARGUMENT"] >= 30 and seen["NOT_FOUND"] >= 10, seen
     _assert_clean(fuzz_server, channel)
     stub = textgen_pb2_grpc.TextGenerationStub(channel)
     code, details = _code_of(lambda: stub.Complete(build_request("x", max_tokens=MAX_TOKENS_LIMIT + 1), timeout=30))
