@@ -119,10 +119,15 @@ def _denied(message: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Lets ``textgen.v1`` calls through only with a valid bearer token; every other service passes."""
+    """Lets ``textgen.v1`` calls through only with a valid bearer token; every other service passes.
 
-    def __init__(self, store: TokenStore) -> None:
+    ``on_denied(method)`` is called for each refused call (the server counts them in
+    ``textgen_requests_total{code="UNAUTHENTICATED"}``).
+    """
+
+    def __init__(self, store: TokenStore, on_denied: Callable[[str], None] | None = None) -> None:
         self.store = store
+        self.on_denied = on_denied
 
     async def intercept_service(
         self,
@@ -139,6 +144,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             message = f"{method} needs a bearer token: send the metadata 'authorization: Bearer <token>'"
         else:
             message = f"{method}: the bearer token is not valid"
+        if self.on_denied is not None:
+            self.on_denied(method)
         handler = await continuation(handler_call_details)
         deny = _denied(message)
         # Answer with the same kind of handler, without parsing the request (raw bytes).
