@@ -33,7 +33,7 @@ from service.config import ConfigError, ServerConfig, parse_config
 from service.engine import Engine, EngineConfig
 from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
-from service.servicer import TextGenerationServicer, add_to_server
+from service.servicer import UNRESOLVED_MODEL, TextGenerationServicer, add_to_server
 from service.tls import TLSConfigError, server_credentials
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,11 @@ class Server:
                 if config.tls_cert and config.tls_key
                 else None
             )
-            interceptors = [TokenAuthInterceptor(TokenStore(config.auth_token_file))] if config.auth_token_file else []
+            interceptors = (
+                [TokenAuthInterceptor(TokenStore(config.auth_token_file), on_denied=self._count_unauthenticated)]
+                if config.auth_token_file
+                else []
+            )
         except (TLSConfigError, TokenFileError) as exc:
             raise OSError(str(exc)) from exc
         server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
@@ -176,6 +180,9 @@ class Server:
             )
         if not self._stopping:
             self.repository.start_polling()
+
+    def _count_unauthenticated(self, method: str) -> None:
+        self.metrics.requests_total.labels(model=UNRESOLVED_MODEL, code="UNAUTHENTICATED").inc()
 
     def _models_changed(self) -> None:
         """Called by the repository (from its thread) when the set of loaded versions changed."""
