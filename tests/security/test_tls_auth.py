@@ -99,6 +99,7 @@ def test_a_certificate_from_another_ca_is_refused(mtls_server: RunningServer, pk
 
 
 def test_certificate_without_token_is_unauthenticated(mtls_server: RunningServer, pki: PKI) -> None:
+    refused_before = mtls_server.sample("textgen_requests_total", {"code": "UNAUTHENTICATED"})
     with _mtls_channel(mtls_server, pki) as channel:
         for call in (
             lambda: _complete(channel),
@@ -109,6 +110,9 @@ def test_certificate_without_token_is_unauthenticated(mtls_server: RunningServer
                 call()
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "bearer token" in info.value.details()
+    # Refusals are counted (an alert can watch for token guessing), under the "unresolved" model label.
+    labels = {"code": "UNAUTHENTICATED", "model": "unresolved"}
+    assert mtls_server.sample("textgen_requests_total", labels) == refused_before + 3
 
 
 def test_wrong_token_is_unauthenticated_and_never_echoed(mtls_server: RunningServer, pki: PKI) -> None:
