@@ -108,6 +108,17 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         "best engine batch / onestep": _ratio(best, onestep),
         "best engine batch / seeds' loop": _ratio(best, seeds),
     }
+    inter = results.get("interference", {})
+    with_, without = inter.get("with_arrivals", {}), inter.get("without_arrivals", {})
+    out["interference: ITL p99 with arrivals / p99 without"] = _ratio(
+        with_.get("itl_ms_p99"), without.get("itl_ms_p99")
+    )
+    out["interference: ITL p50 with arrivals / p50 without"] = _ratio(
+        with_.get("itl_ms_p50"), without.get("itl_ms_p50")
+    )
+    out["no arrivals: ITL p99 / p50 (the spread with no interference)"] = _ratio(
+        without.get("itl_ms_p99"), without.get("itl_ms_p50")
+    )
     for level in results.get("e2e", {}).get("batched", {}).get("levels", []):
         n = level["streams"]
         out[f"e2e {n} streams / seeds' loop"] = _ratio(float(level["tokens_per_s"]), seeds)
@@ -319,7 +330,7 @@ def plot_latency(results: dict[str, Any], path: str) -> None:
     ax.set_ylabel("ms")
     ax.set_title("interference: ITL of running streams")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
