@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -41,6 +41,8 @@ from service.model_repository import LoadedModel
 from service.sampling import SamplingParams, StoppingCriteria
 
 log = logging.getLogger(__name__)
+
+_Item = TypeVar("_Item")
 
 _U64 = 1 << 64
 
@@ -836,7 +838,48 @@ class _Prefilled:
     error: str | None = None
 
 
-class _Prefiller:
+class _WorkerThread(Generic[_Item]):
+    """A daemon thread that handles items posted to it, in batches, until stopped.
+
+    ``stop`` ends it at once (items still queued are dropped) unless
+    ``drain_on_stop``, when it first handles what was posted before the stop.
+    """
+
+    drain_on_stop = False
+
+    def __init__(self, name: str) -> None:
+        self._cond = threading.Condition()
+        self._items: list[_Item] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def post(self, items: list[_Item]) -> None:
+        with self._cond:
+            self._items.extend(items)
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and (not self.drain_on_stop or not self._items):
+                    return
+                items, self._items = self._items, []
+            self._handle(items)
+
+    def _handle(self, items: list[_Item]) -> None:
+        raise NotImplementedError
+
+
+class _Prefiller(_WorkerThread[tuple[_Batch, _Row]]):
     """Prefills long prompts with the ``prefill`` signature while the engine thread keeps stepping.
 
     It only computes: the engine thread still owns every active row. A
@@ -846,48 +889,26 @@ class _Prefiller:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._cond = threading.Condition()
-        self._jobs: list[tuple[_Batch, _Row]] = []
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="textgen-engine-prefill", daemon=True)
-        self._thread.start()
+        super().__init__("textgen-engine-prefill")
 
-    def post(self, jobs: list[tuple[_Batch, _Row]]) -> None:
-        with self._cond:
-            self._jobs.extend(jobs)
-            self._cond.notify()
-
-    def stop(self, timeout: float) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._jobs and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                jobs, self._jobs = self._jobs, []
-            groups: dict[LoadedModel, list[tuple[_Batch, _Row]]] = {}
-            for batch, row in jobs:
-                groups.setdefault(batch.model, []).append((batch, row))
-            for model, group in groups.items():
-                batches = [b for b, _ in group]
-                rows = [r for _, r in group]
-                try:
-                    ids, logprobs, state, _ = _prefill_call(model, rows)
-                    result = _Prefilled(model, batches, rows, ids, logprobs, state)
-                except Exception as exc:
-                    log.exception("prefill failed for model %s", model.key)
-                    message = f"model {model.key} prefill failed: {type(exc).__name__}: {_error_summary(exc)}"
-                    result = _Prefilled(model, batches, rows, np.zeros(0), np.zeros(0), None, message)
-                self._engine._post_prefilled(result)
+    def _handle(self, jobs: list[tuple[_Batch, _Row]]) -> None:
+        groups: dict[LoadedModel, list[tuple[_Batch, _Row]]] = {}
+        for batch, row in jobs:
+            groups.setdefault(batch.model, []).append((batch, row))
+        for model, group in groups.items():
+            batches = [b for b, _ in group]
+            rows = [r for _, r in group]
+            try:
+                ids, logprobs, state, _ = _prefill_call(model, rows)
+                result = _Prefilled(model, batches, rows, ids, logprobs, state)
+            except Exception as exc:
+                log.exception("prefill failed for model %s", model.key)
+                message = f"model {model.key} prefill failed: {type(exc).__name__}: {_error_summary(exc)}"
+                result = _Prefilled(model, batches, rows, np.zeros(0), np.zeros(0), None, message)
+            self._engine._post_prefilled(result)
 
 
-class _WakerThread:
+class _WakerThread(_WorkerThread[tuple[asyncio.AbstractEventLoop, "_LoopWaker"]]):
     """Makes the ``call_soon_threadsafe`` calls for the engine thread.
 
     Writing to an event loop's self-pipe releases the GIL, and getting it back
@@ -896,37 +917,17 @@ class _WakerThread:
     engine a lock release (which keeps the GIL), once per step.
     """
 
+    drain_on_stop = True  # the last wake-ups carry final chunks
+
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._todo: list[tuple[asyncio.AbstractEventLoop, _LoopWaker]] = []
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="textgen-engine-wake", daemon=True)
-        self._thread.start()
+        super().__init__("textgen-engine-wake")
 
-    def post(self, items: list[tuple[asyncio.AbstractEventLoop, _LoopWaker]]) -> None:
-        with self._cond:
-            self._todo.extend(items)
-            self._cond.notify()
-
-    def stop(self, timeout: float) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._todo and not self._stopping:
-                    self._cond.wait()
-                items, self._todo = self._todo, []
-                if not items and self._stopping:
-                    return
-            for loop, waker in items:
-                try:
-                    loop.call_soon_threadsafe(waker.run)
-                except RuntimeError:  # the loop is closed: nobody is listening any more
-                    pass
+    def _handle(self, items: list[tuple[asyncio.AbstractEventLoop, _LoopWaker]]) -> None:
+        for loop, waker in items:
+            try:
+                loop.call_soon_threadsafe(waker.run)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
 
 class _LoopWaker:

@@ -29,7 +29,7 @@ T = TypeVar("T")
 READY_TIMEOUT = 120.0
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Polls ``predicate`` until it holds or ``timeout`` seconds pass; returns its last value."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -12,6 +12,7 @@ from service.engine import CapacityError, Chunk, Engine, EngineClosedError, Engi
 from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel, ModelRepository
 from service.sampling import SamplingParams
+from tests.service.conftest import wait_until
 
 PROMPT = "The object "
 
@@ -64,15 +65,6 @@ def generate(engine: Engine, model: LoadedModel, prompt: str, params: SamplingPa
 def sample_value(metrics: ServingMetrics, name: str, labels: dict[str, str]) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_max_tokens_is_exact_with_length(engine, model, metrics):
