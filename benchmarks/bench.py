@@ -327,8 +327,14 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         )
         e2e, inter = QUICK_E2E, QUICK_INTERFERENCE
         reference, capacity = 4, 4
-    if args.units is not None or args.layers is not None:
-        model = replace(model, units=args.units or model.units, layers=args.layers or model.layers)
+    for name in ("units", "layers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    if args.units is not None:
+        model = replace(model, units=args.units)
+    if args.layers is not None:
+        model = replace(model, layers=args.layers)
     if args.batches:
         engine = replace(engine, batch_sizes=args.batches)
     if args.repeats is not None:
@@ -340,9 +346,6 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         e2e = replace(e2e, streams=args.streams)
     if args.baseline_streams:
         e2e = replace(e2e, baseline_streams=args.baseline_streams)
-    for name in ("units", "layers"):
-        if getattr(model, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(model, name)}")
     if reference not in engine.batch_sizes:
         engine = replace(engine, batch_sizes=tuple(sorted({*engine.batch_sizes, reference})))
     return BenchConfig(

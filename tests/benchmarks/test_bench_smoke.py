@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.bench import parse_config
 from benchmarks.e2e_bench import StreamRecord, percentile, summarize, summarize_profile
 from benchmarks.interference import itl_in_window
 from benchmarks.report import targets
@@ -66,6 +67,34 @@ def test_profile_summary_ranks_self_and_inclusive_time(tmp_path: Path) -> None:
         "Thread._bootstrap (t.py:1);Thread.run (threading.py:9);Engine._run (s/engine.py:4) 3\nmain (m.py:1) 1\n"
     )
     assert summarize_profile(str(raw))["threads"][0] == ["Engine._run (s/engine.py)", 0.75]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--units", "0"], "--units must be at least 1, got 0"),
+        (["--layers", "-1"], "--layers must be at least 1, got -1"),
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--streams", "64,0"], "expected positive integers, got '64,0'"),
+    ],
+)
+def test_bad_flags_are_refused_with_the_flag_and_value(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--out", str(tmp_path), *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_default_config_is_the_issue_run(tmp_path: Path) -> None:
+    config = parse_config(["--out", str(tmp_path)])
+    assert (config.model.units, config.model.layers) == (512, 1)
+    assert config.engine.batch_sizes == (1, 8, 32, 64, 128, 512)
+    assert config.e2e.streams == (1, 16, 64, 256, 1000)
+    assert (config.interference.streams, config.interference.arrival_prompt_chars) == (32, 512)
+    assert config.interference.interval == pytest.approx(0.1)
 
 
 def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float):
