@@ -48,6 +48,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     auth_token_file: str | None = None
     health_port: int = -1
+    intra_op_threads: int = 0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -94,6 +95,7 @@ def _problems(c: ServerConfig) -> list[str]:
         value = getattr(c, name)
         need(value is None or bool(value), name, value, "a file path")
     need(c.max_stop_sequences >= 0, "max_stop_sequences", c.max_stop_sequences, ">= 0")
+    need(c.intra_op_threads >= 0, "intra_op_threads", c.intra_op_threads, ">= 0 (0 = automatic)")
     need(
         c.default_max_tokens <= c.max_tokens_limit,
         "default_max_tokens",
@@ -134,6 +136,7 @@ _HELP = {
     "tls_client_ca": "PEM CA bundle; clients must then present a certificate it signed (mTLS)",
     "auth_token_file": "file of bearer tokens, one per line, reloaded when it changes; textgen RPCs then need one",
     "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
+    "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus one, for the event loop)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

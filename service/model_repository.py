@@ -58,6 +58,12 @@ _configured = threading.Lock()
 _devices_done: list[str] = []
 
 
+def configure_cpu_threads(threads: int) -> None:
+    """TensorFlow's intra- and inter-op thread pools; only before TensorFlow runs its first op."""
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def configure_devices() -> str:
     """Enable GPU memory growth (before any op runs) and return the device the models run on."""
     with _configured:
