@@ -49,6 +49,7 @@ class ServerConfig:
     auth_token_file: str | None = None
     health_port: int = -1
     intra_op_threads: int = 0
+    steps_per_call: int = 1
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ def _problems(c: ServerConfig) -> list[str]:
         value = getattr(c, name)
         need(value is None or bool(value), name, value, "a file path")
     need(c.max_stop_sequences >= 0, "max_stop_sequences", c.max_stop_sequences, ">= 0")
+    need(c.steps_per_call >= 1, "steps_per_call", c.steps_per_call, ">= 1")
     need(c.intra_op_threads >= 0, "intra_op_threads", c.intra_op_threads, ">= 0 (0 = automatic)")
     need(
         c.default_max_tokens <= c.max_tokens_limit,
@@ -136,6 +138,7 @@ _HELP = {
     "tls_client_ca": "PEM CA bundle; clients must then present a certificate it signed (mTLS)",
     "auth_token_file": "file of bearer tokens, one per line, reloaded when it changes; textgen RPCs then need one",
     "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
+    "steps_per_call": "decode steps per model call while no prompt is being fed (tokens then arrive K at a time)",
     "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus one, for the event loop)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }

@@ -74,6 +74,13 @@ class EngineConfig:
     # prompt rides, which keeps running streams flattest on a small CPU; the
     # worker gives long prompts a much earlier first token (docs/engine.md).
     prefill_threshold: int = 0
+    # Decode steps per model call while every row of a batch is generating and
+    # nobody waits to join: one ``tf.while_loop`` call makes K tokens per row, so
+    # the Python and dispatch cost of a call is paid once per K tokens. Tokens then
+    # reach readers K at a time, and a cancel, deadline or arrival waits up to one
+    # call. 1 (the default): one step per call. The same seed gives the same text
+    # whatever K is.
+    steps_per_call: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent", "max_batch_size"):
@@ -81,6 +88,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
         if self.prefill_threshold < 0:
             raise ValueError(f"prefill_threshold must be >= 0, got {self.prefill_threshold}")
         if not 0.0 <= self.wake_interval <= 1.0:
@@ -322,7 +331,8 @@ class Engine:
         self._gauge_names: set[str] = set()
         self._turn = 0
         # Counters for tests and benchmarks (engine thread writes, anyone reads).
-        self.steps = 0  # batched decode/prefill calls made
+        self.steps = 0  # batched decode/prefill steps made (a call of K steps counts K)
+        self.calls = 0  # model calls made (decode, K-step decode, prefill)
         self.tokens = 0  # tokens delivered to streams
         self.decode_seconds = 0.0  # inside the decode/prefill calls, host copy of the ids included
         self.busy_seconds = 0.0  # whole iterations: decode calls plus the engine's own Python work
@@ -550,6 +560,10 @@ class Engine:
             batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
             batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
         tokens_t = batch.tokens_t if batch.tokens_t is not None else tf.constant(batch.tokens)
+        k = self.config.steps_per_call
+        if k > 1 and not self._waiting and not batch.prompt_left.any():
+            self._step_many(batch, tokens_t, k, started)
+            return
         ids_t, logprobs_t, batch.state = model.decode(
             tokens_t, batch.state, *batch.params_t, tf.constant(batch.position)
         )
@@ -557,6 +571,7 @@ class Engine:
         logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(len(ids), np.float32)
         elapsed = time.perf_counter() - started
         self.steps += 1
+        self.calls += 1
         self.decode_seconds += elapsed
         size = len(batch.rows)
         if self.metrics is not None:
@@ -576,6 +591,33 @@ class Engine:
             generating = None
             batch.tokens_t = ids_t
         self._deliver(batch, ids, logprobs, generating)
+
+    def _step_many(self, batch: _Batch, tokens_t: Any, k: int, started: float) -> None:
+        """``k`` decode steps in one call (every row is generating); each row gets its tokens in order."""
+        model = batch.model
+        assert batch.params_t is not None
+        ids_t, logprobs_t, batch.state = model.decode_steps(
+            tokens_t, batch.state, *batch.params_t, tf.constant(batch.position), tf.constant(k, tf.int32)
+        )
+        ids = ids_t.numpy()  # (k, b)
+        logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(ids.shape, np.float32)
+        elapsed = time.perf_counter() - started
+        self.steps += k
+        self.calls += 1
+        self.decode_seconds += elapsed
+        if self.metrics is not None:
+            mm = self._mm(model.name)
+            for _ in range(k):
+                mm.step_duration.observe(elapsed / k)
+                mm.batch_size.observe(len(batch.rows))
+        for j in range(k):
+            # A row that finished at an earlier step of this call (max_tokens, a stop)
+            # gets no more of its tokens; compaction drops it before the next call.
+            live = np.array([i for i, row in enumerate(batch.rows) if not row.done], np.int64)
+            if not len(live):
+                break
+            self._deliver(batch, ids[j], logprobs[j], live)
+        batch.tokens_t = None  # batch.tokens holds each live row's last token
 
     def _deliver(self, batch: _Batch, ids: np.ndarray, logprobs: np.ndarray, which: np.ndarray | None) -> None:
         """Hand rows ``which`` (None: all) their sampled token; the per-token Python work of the engine."""
@@ -625,6 +667,7 @@ class Engine:
             mm.step_duration.observe(elapsed)
             mm.batch_size.observe(len(new_rows))
         self.steps += 1
+        self.calls += 1
         self.decode_seconds += elapsed
         self._join_prefilled(batch, new_rows, ids, logprobs, state)
 

@@ -99,6 +99,9 @@ class LoadedModel:
     decode: Any = field(repr=False, default=None)
     # prefill_sample(tokens[B,T], lengths[B], temperature, top_k, top_p, seed, position) -> same as decode
     prefill_sample: Any = field(repr=False, default=None)
+    # decode_steps(tokens[B], state[B,S], temperature, top_k, top_p, seed, position, steps[]) ->
+    #   (ids[K,B] int32, logprobs[K,B] float32, state[B,S]): K = steps decode steps in one call
+    decode_steps: Any = field(repr=False, default=None)
     loaded_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -244,15 +247,43 @@ def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[
         ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
         return ids, logprobs, out["state"]
 
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.int32, name="tokens"),
+            tf.TensorSpec([None, None], tf.float32, name="state"),
+            *SAMPLER_SIGNATURE[1:],
+            tf.TensorSpec([], tf.int32, name="steps"),
+        ]
+    )
+    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps):  # type: ignore[no-untyped-def]
+        # Each step feeds back its own sample at position + i: exactly the tokens
+        # `steps` calls of _decode would give, in one call (one Python round trip).
+        def body(i, tokens, state, ids_ta, logprobs_ta):  # type: ignore[no-untyped-def]
+            out = step_fn(tokens=tokens, state=state)
+            ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
+            return i + 1, ids, out["state"], ids_ta.write(i, ids), logprobs_ta.write(i, logprobs)
+
+        loop_vars = [
+            tf.constant(0),
+            tokens,
+            state,
+            tf.TensorArray(tf.int32, size=steps),
+            tf.TensorArray(tf.float32, size=steps),
+        ]
+        _, _, state, ids_ta, logprobs_ta = tf.while_loop(lambda i, *_: i < steps, body, loop_vars)
+        return ids_ta.stack(), logprobs_ta.stack(), state  # (k, b), (k, b), (b, S)
+
     # The concrete functions: traced once (batch None). Calling them directly
     # skips tf.function's argument dispatch, which costs more than a small
     # model's whole step on a CPU.
     decode = _decode.get_concrete_function()
     prefill_sample = _prefill_sample.get_concrete_function()
+    decode_steps = _decode_steps.get_concrete_function()
     # Warm-up: run at the sizes the engine uses before any traffic.
     for batch in sorted(set(warmup_batch_sizes) | {1}):
         decode(tf.fill([batch], tokenizer.start_ids[0]), tf.zeros([batch, state_size]), *_zeros_params(batch))
         prefill_sample(tf.fill([batch, 2], tokenizer.start_ids[0]), tf.fill([batch], 2), *_zeros_params(batch))
+    decode_steps(tf.fill([1], tokenizer.start_ids[0]), tf.zeros([1, state_size]), *_zeros_params(1), tf.constant(2))
     return LoadedModel(
         name=name,
         version=version,
@@ -264,6 +295,7 @@ def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[
         saved=saved,
         decode=decode,
         prefill_sample=prefill_sample,
+        decode_steps=decode_steps,
         loaded_at=time.time(),
     )
 

@@ -83,6 +83,7 @@ class Server:
                 max_concurrent=config.max_concurrent,
                 max_queue=config.max_queue,
                 max_batch_size=config.max_batch_size,
+                steps_per_call=config.steps_per_call,
             ),
             self.metrics,
         )

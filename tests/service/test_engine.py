@@ -405,3 +405,43 @@ def test_include_tokens_with_a_stop_sequence(engine, model):
     ids = [i for c in chunks for i in c.token_ids]
     assert len(ids) == chunks[-1].completion_tokens  # the tokens that made the stop text are counted
     assert "".join(t for c in chunks for t in c.token_texts).startswith(text + stop)
+
+
+def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
+    """K steps per call is a speed option: seeded text, token ids, logprobs, max_tokens and stops are unchanged."""
+    cases = [
+        (PROMPT, SamplingParams(max_tokens=45, temperature=1.0, top_p=0.9, seed=11, include_tokens=True)),
+        ("The ", SamplingParams(max_tokens=13, temperature=0.7, top_k=5, seed=12, include_tokens=True)),
+        (PROMPT, SamplingParams(max_tokens=60, temperature=1.0, seed=14, stop=("e",), include_tokens=True)),
+        ("x", SamplingParams(max_tokens=3, temperature=1.3, seed=13, include_tokens=True)),
+    ]
+
+    def run(steps_per_call: int) -> tuple[list[tuple[str, list[int], list[float], str | None, int]], Engine]:
+        engine = Engine(EngineConfig(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call), metrics)
+        engine.start()
+        try:
+
+            async def together() -> list[tuple[str, list[Chunk]]]:
+                loop = asyncio.get_running_loop()
+                streams = [engine.submit(model, prompt, params, loop) for prompt, params in cases]
+                return await asyncio.gather(*(collect(s) for s in streams))
+
+            out = []
+            for text, chunks in asyncio.run(together()):
+                ids = [i for c in chunks for i in c.token_ids]
+                logprobs = [p for c in chunks for p in c.logprobs]
+                out.append((text, ids, logprobs, chunks[-1].finish_reason, chunks[-1].completion_tokens))
+            return out, engine
+        finally:
+            engine.stop(5.0)
+
+    one, one_engine = run(1)
+    many, many_engine = run(8)
+    assert [o[:2] + o[3:] for o in many] == [o[:2] + o[3:] for o in one]
+    for (_, _, lp_many, _, _), (_, _, lp_one, _, _) in zip(many, one, strict=True):
+        assert lp_many == pytest.approx(lp_one, abs=1e-5)
+    assert [o[3] for o in one] == ["length", "length", "stop", "length"]
+    assert one[0][4] == 45 and one[1][4] == 13 and one[3][4] == 3
+    # The same steps, in far fewer calls (prompts ride in one-step calls first).
+    assert many_engine.steps >= 45
+    assert many_engine.calls < one_engine.calls / 2
