@@ -50,6 +50,8 @@ class E2EConfig:
     level_timeout: float = 120.0
     server_max_batch_size: int = 1024
     server_max_concurrent: int = 1024
+    # The batched server's --steps-per-call (K decode steps per model call).
+    server_steps_per_call: int = 1
     # --max-batch-size 1: far slower, so less work per level and one repeat.
     baseline_streams: tuple[int, ...] = (1, 16, 64, 256, 1000)
     baseline_total_tokens: int = 4096
@@ -144,6 +146,7 @@ def make_server(config: BenchConfig, models_dir: str, max_batch_size: int) -> Se
         max_batch_size=max_batch_size,
         max_concurrent=e2e.server_max_concurrent,
         max_queue=max(e2e.server_max_concurrent, max(e2e.streams), max(e2e.baseline_streams)),
+        extra_args=("--steps-per-call", str(e2e.server_steps_per_call)) if max_batch_size > 1 else (),
     )
     tag = "mbs1" if max_batch_size == 1 else "batched"
     return ServerProcess(spec, os.path.join(config.out, "logs", f"server-{tag}.log"))
@@ -156,8 +159,9 @@ def run_server_levels(
     e2e = config.e2e
     spec = server.spec
     tag = "mbs1" if baseline else "batched"
-    flags = (
-        f"--max-batch-size {spec.max_batch_size} --max-concurrent {spec.max_concurrent} --max-queue {spec.max_queue}"
+    flags = " ".join(
+        [f"--max-batch-size {spec.max_batch_size} --max-concurrent {spec.max_concurrent} --max-queue {spec.max_queue}"]
+        + list(spec.extra_args)
     )
     part: dict[str, Any] = {"server_args": flags, "levels": []}
     streams = e2e.baseline_streams if baseline else e2e.streams
@@ -309,6 +313,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
     parser.add_argument("--no-interference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
+    parser.add_argument("--steps-per-call", type=int, help="the batched server's --steps-per-call (default 1)")
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
     reference, capacity = 64, 1000
@@ -342,6 +347,10 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
             parser.error(f"--repeats must be at least 1, got {args.repeats}")
         engine = replace(engine, repeats=args.repeats)
         e2e = replace(e2e, repeats=args.repeats)
+    if args.steps_per_call is not None:
+        if args.steps_per_call < 1:
+            parser.error(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
+        e2e = replace(e2e, server_steps_per_call=args.steps_per_call)
     if args.streams:
         e2e = replace(e2e, streams=args.streams)
     if args.baseline_streams:
