@@ -58,10 +58,15 @@ _configured = threading.Lock()
 _devices_done: list[str] = []
 
 
-def configure_cpu_threads(threads: int) -> None:
-    """TensorFlow's intra- and inter-op thread pools; only before TensorFlow runs its first op."""
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+def configure_cpu_threads(threads: int) -> bool:
+    """Size TensorFlow's intra- and inter-op thread pools; False if TensorFlow had already started."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as exc:  # TensorFlow ran an op already (a server started inside another program)
+        log.warning("keeping TensorFlow's thread pools: %s", exc)
+        return False
+    return True
 
 
 def configure_devices() -> str:
