@@ -213,8 +213,15 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.to_thread(self.repository.stop)
+        # Keep the port open while running streams drain: a new RPC then gets the
+        # servicer's UNAVAILABLE ("shutting down"); once the transport itself is
+        # stopping, grpc answers new RPCs on open connections with CANCELLED instead.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.engine.active or self.engine.waiting) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(max(0.0, deadline - loop.time()))
         await asyncio.to_thread(self.engine.stop, 5.0)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
