@@ -228,13 +228,14 @@ def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[
     if not np.isfinite(stepped["logits"].numpy()).all():
         raise ContractError("step returned non-finite logits from the start state")
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None], tf.int32, name="tokens"),
-            tf.TensorSpec([None, None], tf.float32, name="state"),
-            *SAMPLER_SIGNATURE[1:],
-        ]
-    )
+    # tokens[B], state[B,S], then the sampler's per-row parameters
+    decode_signature = [
+        tf.TensorSpec([None], tf.int32, name="tokens"),
+        tf.TensorSpec([None, None], tf.float32, name="state"),
+        *SAMPLER_SIGNATURE[1:],
+    ]
+
+    @tf.function(input_signature=decode_signature)
     def _decode(tokens, state, temperature, top_k, top_p, seed, position):  # type: ignore[no-untyped-def]
         out = step_fn(tokens=tokens, state=state)
         ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
@@ -252,14 +253,7 @@ def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[
         ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
         return ids, logprobs, out["state"]
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None], tf.int32, name="tokens"),
-            tf.TensorSpec([None, None], tf.float32, name="state"),
-            *SAMPLER_SIGNATURE[1:],
-            tf.TensorSpec([], tf.int32, name="steps"),
-        ]
-    )
+    @tf.function(input_signature=[*decode_signature, tf.TensorSpec([], tf.int32, name="steps")])
     def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps):  # type: ignore[no-untyped-def]
         # Each step feeds back its own sample at position + i: exactly the tokens
         # `steps` calls of _decode would give, in one call (one Python round trip).

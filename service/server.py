@@ -273,8 +273,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def configure_process(config: ServerConfig) -> int:
-    """Process-wide tuning, before TensorFlow runs its first op; returns the intra-op threads used.
+def configure_process(config: ServerConfig) -> int | None:
+    """Process-wide tuning, before TensorFlow runs its first op; returns the intra-op threads set (None: kept).
 
     On a CPU the event loop (gRPC, the servicer) needs a core of its own: TensorFlow's
     intra-op threads on every core made each step wait for the loop's thread. With one
@@ -286,8 +286,7 @@ def configure_process(config: ServerConfig) -> int:
     if threads == 0:
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
         threads = max(1, usable - 1)
-    configure_cpu_threads(threads)
-    return threads
+    return threads if configure_cpu_threads(threads) else None
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -301,7 +300,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     threads = configure_process(config)
-    log.info("TensorFlow uses %d intra-op thread(s); GIL switch interval %.1f ms", threads, GIL_SWITCH_INTERVAL * 1e3)
+    if threads is not None:
+        log.info(
+            "TensorFlow uses %d intra-op thread(s); GIL switch interval %.1f ms", threads, GIL_SWITCH_INTERVAL * 1e3
+        )
     try:
         return asyncio.run(serve(config))
     except OSError as exc:
