@@ -11,6 +11,7 @@ serves, a training Job whose TF_CONFIG names every worker.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from tests.deploy.kustomization import KustomizeError, object_key, render
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
-KUSTOMIZATIONS = ["base", "training", "overlays/cpu", "overlays/cpu-training"]
+KUSTOMIZATIONS = ["base", "training", "overlays/cpu", "overlays/cpu-training", "overlays/tls"]
 # The oldest Kubernetes we support (native gRPC probes, Indexed Jobs and their labels are GA)
 # and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
@@ -373,6 +374,220 @@ def exported_sample_names() -> set[str]:
             value.labels(*["x"] * len(value._labelnames))
     text = generate_latest(metrics.registry).decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+# ---- the TLS overlay ------------------------------------------------------------------------
+
+TLS = "overlays/tls"
+TLS_ENV = ("TEXTGEN_TLS_CERT", "TEXTGEN_TLS_KEY", "TEXTGEN_TLS_CLIENT_CA", "TEXTGEN_AUTH_TOKEN_FILE")
+# What the overlay's comments tell operators to put in each Secret (kubectl create secret ...).
+SECRET_KEYS = {"textgen-tls": {"tls.crt", "tls.key", "ca.crt"}, "textgen-auth-tokens": {"tokens"}}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def secret_mounts(workload: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """mountPath -> (volumeMount, volume) for every Secret volume the container mounts."""
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    return {
+        m["mountPath"]: (m, volumes[m["name"]])
+        for m in only_container(workload)["volumeMounts"]
+        if "secret" in volumes[m["name"]]
+    }
+
+
+def test_tls_overlay_moves_every_probe_to_the_plaintext_health_port() -> None:
+    objects = rendered(TLS)
+    container = only_container(objects[("Deployment", "textgen")])
+    base_container = only_container(rendered("base")[("Deployment", "textgen")])
+    config = server_config_map(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    health = int(config["TEXTGEN_HEALTH_PORT"])
+    assert ports == {
+        "grpc": int(config["TEXTGEN_PORT"]),
+        "metrics": int(config["TEXTGEN_METRICS_PORT"]),
+        "health": health,
+    }
+    assert len(set(ports.values())) == 3
+    for probe in PROBES:
+        # The kubelet's gRPC probe speaks plaintext and has no client certificate: on the TLS port it would fail.
+        assert container[probe]["grpc"]["port"] == health, probe
+        moved = copy.deepcopy(base_container[probe])
+        moved["grpc"]["port"] = health
+        assert container[probe] == moved, f"{probe}: only the port changes (same service name, same timing)"
+    # Only the kubelet talks to the health port: no Service exposes it.
+    for (kind, name), obj in objects.items():
+        if kind == "Service":
+            for port in obj["spec"]["ports"]:
+                assert port["targetPort"] not in ("health", health) and port["port"] != health, name
+
+
+def test_tls_overlay_points_the_tls_and_token_flags_into_read_only_secret_volumes() -> None:
+    objects = rendered(TLS)
+    deployment = objects[("Deployment", "textgen")]
+    config = server_config_map(objects)
+    mounts = secret_mounts(deployment)
+    used: dict[str, set[str]] = {}
+    for variable in TLS_ENV:
+        path = Path(config[variable])
+        assert path.is_absolute(), (variable, path)
+        # The file's folder is the mount itself: a whole-Secret mount, which the kubelet updates
+        # by swapping a symlink (a subPath mount would never see a rotated token).
+        mount, volume = mounts[str(path.parent)]
+        assert "subPath" not in mount and "subPathExpr" not in mount
+        assert mount.get("readOnly") is True, f"{mount['name']}: mount it readOnly"
+        secret = volume["secret"]
+        assert path.name in SECRET_KEYS[secret["secretName"]], (variable, path)
+        assert "items" not in secret and not secret.get("optional", False)
+        used.setdefault(secret["secretName"], set()).add(path.name)
+    assert used == SECRET_KEYS
+    # Readable by the server's group (the kubelet gives Secret files group fsGroup) and by nobody else.
+    pod = pod_spec(deployment)
+    for mount, volume in mounts.values():
+        mode = volume["secret"]["defaultMode"]
+        assert mode & 0o040 and not mode & 0o222 and not mode & 0o007, (mount["name"], oct(mode))
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # The lock-down of the base holds unchanged with the mounts.
+    base = rendered("base")[("Deployment", "textgen")]
+    assert pod["securityContext"] == pod_spec(base)["securityContext"]
+    assert only_container(deployment)["securityContext"] == only_container(base)["securityContext"]
+    assert only_container(deployment)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_tls_overlay_documents_every_secret_it_references_and_ships_none() -> None:
+    objects = rendered(TLS)
+    text = (K8S / TLS / "kustomization.yaml").read_text(encoding="utf-8")
+    names = {v["secret"]["secretName"] for _, v in secret_mounts(objects[("Deployment", "textgen")]).values()}
+    assert names == set(SECRET_KEYS)
+    for name in names:
+        assert re.search(rf"kubectl create secret \w+ {name}\b", text), f"{name}: no `kubectl create secret` comment"
+        for key in SECRET_KEYS[name]:
+            assert re.search(rf"(--from-file={re.escape(key)}=|`{re.escape(key)}`|\b{re.escape(key)}\b)", text), key
+    assert "subPath" in text, "the comment must warn that a subPath mount never updates"
+    assert not [key for key in objects if key[0] == "Secret"], "keys and tokens never live in the repository"
+
+
+def test_tls_overlay_leaves_metrics_plaintext_on_their_own_port() -> None:
+    base, tls = rendered("base"), rendered(TLS)
+    assert tls[("ServiceMonitor", "textgen")] == base[("ServiceMonitor", "textgen")]
+    assert server_config_map(tls)["TEXTGEN_METRICS_PORT"] == server_config_map(base)["TEXTGEN_METRICS_PORT"]
+
+    def metrics_port(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+        return next(p for p in objects[("Service", "textgen")]["spec"]["ports"] if p["name"] == "metrics")
+
+    assert metrics_port(tls) == metrics_port(base)
+    assert metrics_port(tls)["appProtocol"] == "http"
+    # What the overlay may change; everything else is the base's.
+    changed = {
+        ("Deployment", "textgen"),
+        ("ConfigMap", "textgen-server"),
+        ("Service", "textgen"),
+        ("Service", "textgen-direct"),
+    }
+    assert set(tls) == set(base)
+    for key in set(base) - changed:
+        assert tls[key] == base[key], key
+    for name in ("textgen", "textgen-direct"):
+        grpc_port = next(p for p in tls[("Service", name)]["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc_port["appProtocol"] != "kubernetes.io/h2c", f"{name}: the gRPC port is not cleartext any more"
+
+
+def write_secret_volume(folder: Path, data: dict[str, bytes], generation: int) -> None:
+    """Lays out (or updates) ``folder`` as the kubelet does a Secret volume (its AtomicWriter).
+
+    Each key is a symlink ``key -> ..data/key``; ``..data`` links to a timestamped folder
+    holding the files; an update writes a new folder and swaps ``..data`` with a rename.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    stamped = folder / f"..2026_01_01_00_00_{generation:02d}.000000001"
+    stamped.mkdir()
+    for key, value in data.items():
+        (stamped / key).write_bytes(value)
+        (stamped / key).chmod(0o440)
+    staging = folder / "..data_tmp"
+    staging.symlink_to(stamped.name)
+    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
+    os.replace(staging, folder / "..data")
+    for key in data:
+        if not (folder / key).is_symlink():
+            (folder / key).symlink_to(f"..data/{key}")
+    if old is not None:
+        shutil.rmtree(folder / old)
+
+
+def test_tls_overlay_settings_serve_tls_with_plaintext_health_and_rotating_tokens(
+    tiny_model_repo: Path, tmp_path: Path
+) -> None:
+    """The real server from the overlay's environment, with its Secrets laid out as the kubelet does."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.api import textgen_pb2_grpc
+    from service.client import build_request
+    from service.config import parse_config
+    from service.tls import channel_credentials
+    from tests.security.certs import make_pki
+    from tests.service.conftest import RunningServer
+
+    objects = rendered(TLS)
+    deployment = objects[("Deployment", "textgen")]
+    pki = make_pki(tmp_path / "pki")
+    contents = {
+        "textgen-tls": {"tls.crt": pki.server.cert, "tls.key": pki.server.key, "ca.crt": pki.ca.cert},
+    }
+    root = tmp_path / "pod"
+    for mount_path, (_, volume) in secret_mounts(deployment).items():
+        name = volume["secret"]["secretName"]
+        data = (
+            {k: p.read_bytes() for k, p in contents[name].items()} if name in contents else {"tokens": b"first-token\n"}
+        )
+        write_secret_volume(root / mount_path.lstrip("/"), data, generation=1)
+    environ: dict[str, str] = {}
+    for key, value in server_config_map(objects).items():
+        environ[key] = str(root / value.lstrip("/")) if key in TLS_ENV else value
+    config = parse_config([], environ)
+    health_port = next(p["containerPort"] for p in only_container(deployment)["ports"] if p["name"] == "health")
+    assert config.health_port == health_port
+    assert config.tls_client_ca is not None and config.auth_token_file is not None
+    # Everything from the overlay except where this test can bind and find its model.
+    config = dataclasses.replace(
+        config, models=str(tiny_model_repo), host="127.0.0.1", port=0, metrics_port=0, health_port=0, default_model=None
+    )
+    running = RunningServer(config)
+    try:
+        probe_target = f"127.0.0.1:{running.server.health_port}"
+        with grpc.insecure_channel(probe_target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for probe in PROBES:
+                service = only_container(deployment)[probe]["grpc"]["service"]
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, probe
+        with grpc.insecure_channel(running.target) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        def complete(token: str) -> grpc.StatusCode:
+            credentials = channel_credentials(str(pki.ca.cert), str(pki.client.cert), str(pki.client.key), token=token)
+            with grpc.secure_channel(running.target, credentials) as channel:
+                try:
+                    textgen_pb2_grpc.TextGenerationStub(channel).Complete(
+                        build_request("The ", max_tokens=2, seed=1), timeout=30
+                    )
+                except grpc.RpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        assert complete("first-token") == grpc.StatusCode.OK
+        assert complete("second-token") == grpc.StatusCode.UNAUTHENTICATED
+        # `kubectl apply` of new Secret data: the kubelet swaps ..data; the server reloads, no restart.
+        tokens_mount = Path(config.auth_token_file).parent
+        write_secret_volume(tokens_mount, {"tokens": b"second-token\n"}, generation=2)
+        assert complete("second-token") == grpc.StatusCode.OK
+        assert complete("first-token") == grpc.StatusCode.UNAUTHENTICATED
+        # /metrics stays plaintext HTTP on its own port.
+        assert running.sample("textgen_requests_total", {"code": "OK"}) >= 2
+    finally:
+        running.stop(grace=0)
 
 
 # ---- the training Job --------------------------------------------------------------------
