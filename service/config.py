@@ -42,6 +42,7 @@ class ServerConfig:
     keep_versions: int = 1
     max_connection_age: float = 0.0
     request_timeout: float = 600.0
+    stream_write_timeout: float = 30.0
     max_receive_message_bytes: int = 1048576
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -104,7 +105,7 @@ def _problems(c: ServerConfig) -> list[str]:
         c.default_max_tokens,
         f"<= --max-tokens-limit ({c.max_tokens_limit})",
     )
-    for name in ("grace_seconds", "poll_seconds", "max_connection_age", "request_timeout"):
+    for name in ("grace_seconds", "poll_seconds", "max_connection_age", "request_timeout", "stream_write_timeout"):
         value = getattr(c, name)
         need(math.isfinite(value) and value >= 0, name, value, "a finite number of seconds >= 0 (0 = off)")
     need(c.log_level.upper() in _LOG_LEVELS, "log_level", c.log_level, f"one of {', '.join(_LOG_LEVELS)}")
@@ -132,6 +133,8 @@ _HELP = {
     "keep_versions": "loaded versions kept per model (the newest N)",
     "max_connection_age": "seconds before a client connection is asked to reconnect, for load balancing (0 = off)",
     "request_timeout": "deadline for a request that has none, in seconds (0 = none)",
+    "stream_write_timeout": "seconds a streamed message may wait for a client that does not read it; the stream then "
+    "ends RESOURCE_EXHAUSTED and its sequence leaves the batch (0 = wait forever)",
     "max_receive_message_bytes": "largest request message gRPC accepts, in bytes (larger: RESOURCE_EXHAUSTED)",
     "tls_cert": "PEM certificate chain of the server; with --tls-key, the gRPC port speaks TLS only",
     "tls_key": "PEM private key of --tls-cert",

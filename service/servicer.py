@@ -5,17 +5,24 @@ The servicer never touches TensorFlow and never samples: it validates a request 
 and turns the engine's ``Chunk``s into ``GenerateResponse`` messages. Every failure
 goes through one place (``_status_of``), which picks the documented gRPC code,
 logs unexpected exceptions once, and never lets a request end as UNKNOWN.
+
+``Generate`` writes its messages itself (``context.write``), each bounded by
+``--stream-write-timeout``: a client that stops reading fills HTTP/2 flow control,
+a write then waits, and after the timeout the request leaves the batch and the
+stream ends RESOURCE_EXHAUSTED (``stream_write_timeout``), with no await left
+unbounded, so the handler finishes even if the client never reads again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -54,6 +61,15 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def stream_write_timeout(seconds: float, completion_tokens: int, request_id: str) -> RequestError:
+    """The status of a stream whose client did not take a message for ``seconds`` (``--stream-write-timeout``)."""
+    return RequestError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the client did not read its stream for {seconds:g} s (the server's --stream-write-timeout); "
+        f"the stream was ended after {completion_tokens} tokens; request_id={request_id}",
+    )
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,8 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     ) -> None:
         self._limits = RequestLimits.from_config(config)
         self._request_timeout = config.request_timeout
+        # None: no bound (asyncio.timeout(None) never fires).
+        self._write_timeout = config.stream_write_timeout if config.stream_write_timeout > 0 else None
         self._repository = repository
         self._engine = engine
         self._metrics = metrics
@@ -228,21 +246,51 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     # ------------------------------------------------------------------ RPCs
     async def Generate(
         self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
+    ) -> None:
+        """Streams with ``context.write`` (not an async generator), so that every write has a time bound."""
         request_id = _request_id(request)
         outcome = _Outcome(request_id)
         started = time.monotonic()
         try:
-            async for response in self._generate(request, request_id, context, outcome, started):
-                yield response
+            # aclosing: when a write fails, the generator's finally cancels the row before the status is sent.
+            async with contextlib.aclosing(self._generate(request, request_id, context, outcome, started)) as responses:
+                first = True
+                async for response in responses:
+                    await self._write(context, response, first, outcome)
+                    first = False
         except BaseException as exc:
             await self._fail(exc, request_id, context, outcome)
         finally:
             self._record(outcome, started)
 
+    async def _write(
+        self,
+        context: grpc.aio.ServicerContext,
+        response: textgen_pb2.GenerateResponse,
+        first: bool,
+        outcome: _Outcome,
+    ) -> None:
+        """Hands one message to gRPC, waiting at most ``--stream-write-timeout`` for a client that is not reading.
+
+        A write waits when the client's HTTP/2 flow-control window is full. grpc cannot take
+        back a message it has started sending: after the timeout the message stays queued
+        (the client gets it, then the status, if it reads again) and this raises
+        ``stream_write_timeout``. The initial metadata goes first in a write of its own: were it
+        part of a write that timed out, the status could not be queued behind it.
+        """
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                if first:
+                    await context.send_initial_metadata(())
+                await context.write(response)
+        except TimeoutError:
+            raise stream_write_timeout(
+                self._write_timeout or 0.0, outcome.completion_tokens, outcome.request_id
+            ) from None
+
     async def Complete(
         self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
-    ) -> textgen_pb2.GenerateResponse:
+    ) -> textgen_pb2.GenerateResponse | None:
         request_id = _request_id(request)
         outcome = _Outcome(request_id)
         started = time.monotonic()
@@ -257,13 +305,13 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             return whole
         except BaseException as exc:
             await self._fail(exc, request_id, context, outcome)
-            raise AssertionError("unreachable: _fail always raises") from exc
+            return None  # the status is queued (see _fail); grpc ends the RPC with it
         finally:
             self._record(outcome, started)
 
     async def ListModels(
         self, request: textgen_pb2.ListModelsRequest | MalformedRequest, context: grpc.aio.ServicerContext
-    ) -> textgen_pb2.ListModelsResponse:
+    ) -> textgen_pb2.ListModelsResponse | None:
         try:
             if isinstance(request, MalformedRequest):
                 raise invalid(request.message)
@@ -274,7 +322,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             )
         except BaseException as exc:
             await self._fail(exc, "ListModels", context, _Outcome("ListModels"))
-            raise AssertionError("unreachable: _fail always raises") from exc
+            return None  # the status is queued (see _fail); grpc ends the RPC with it
 
     # ------------------------------------------------------------------ the generation itself
     async def _generate(
@@ -284,7 +332,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         context: grpc.aio.ServicerContext,
         outcome: _Outcome,
         started: float,
-    ) -> AsyncIterator[textgen_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[textgen_pb2.GenerateResponse, None]:
         if isinstance(request, MalformedRequest):
             raise invalid(request.message)
         if self._shutting_down:
@@ -301,6 +349,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             while True:
                 chunk = await stream.next_chunk()
                 if chunk.finish_reason is None:
+                    outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                     if chunk.text or chunk.token_ids:
                         yield self._response(chunk, request_id, model)
                     continue
@@ -365,7 +414,12 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     async def _fail(
         self, exc: BaseException, request_id: str, context: grpc.aio.ServicerContext, outcome: _Outcome
     ) -> None:
-        """Ends the RPC with the status ``exc`` maps to; re-raises cancellation and aborts as they are."""
+        """Ends the RPC with the status ``exc`` maps to; re-raises cancellation and aborts as they are.
+
+        Returns (rather than raising grpc's AbortError) only when the status could not be sent
+        within ``--stream-write-timeout``: it then waits in gRPC behind messages the client has
+        not read, and grpc ends the RPC with it once the handler returns.
+        """
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
@@ -375,7 +429,11 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             raise exc
         code, message = _status_of(exc, request_id)
         outcome.code = code
-        await context.abort(code, message)
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await context.abort(code, message)
+        except TimeoutError:
+            log.debug("request %s: the %s status waits for a client that does not read", request_id, code.name)
 
     def _record(self, outcome: _Outcome, started: float) -> None:
         elapsed = time.monotonic() - started
