@@ -50,6 +50,7 @@ class ServerConfig:
     auth_token_file: str | None = None
     health_port: int = -1
     intra_op_threads: int = 0
+    malloc_mmap_threshold: int = 131072
     steps_per_call: int = 1
     log_level: str = "INFO"
 
@@ -100,6 +101,12 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.steps_per_call >= 1, "steps_per_call", c.steps_per_call, ">= 1")
     need(c.intra_op_threads >= 0, "intra_op_threads", c.intra_op_threads, ">= 0 (0 = automatic)")
     need(
+        c.malloc_mmap_threshold == 0 or 4096 <= c.malloc_mmap_threshold <= 32 * 1024 * 1024,
+        "malloc_mmap_threshold",
+        c.malloc_mmap_threshold,
+        "0 (off) or in [4096, 33554432] bytes",
+    )
+    need(
         c.default_max_tokens <= c.max_tokens_limit,
         "default_max_tokens",
         c.default_max_tokens,
@@ -143,6 +150,8 @@ _HELP = {
     "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
     "steps_per_call": "decode steps per model call while no prompt is being fed (tokens then arrive K at a time)",
     "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus one, for the event loop)",
+    "malloc_mmap_threshold": "bytes above which glibc maps each allocation on its own and unmaps it when freed, "
+    "so memory of a large batch goes back to the OS (0 = glibc's own, rising threshold)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from service.allocator import set_mmap_threshold
 from service.api import textgen_pb2
 from service.auth import TokenAuthInterceptor, TokenFileError, TokenStore
 from service.config import ConfigError, ServerConfig, parse_config
@@ -282,6 +283,8 @@ def configure_process(config: ServerConfig) -> int | None:
     went from 0.55x to 0.63x of the engine-only rate.
     """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    if set_mmap_threshold(config.malloc_mmap_threshold):
+        log.info("glibc mmap threshold fixed at %d bytes", config.malloc_mmap_threshold)
     threads = config.intra_op_threads
     if threads == 0:
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
