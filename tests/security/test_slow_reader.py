@@ -100,6 +100,24 @@ def test_a_reader_that_keeps_reading_is_never_cut_off(server: RunningServer) -> 
     assert wait_until(lambda: server.sample("textgen_active_sequences") == 0, 30)
 
 
+def test_zero_turns_the_timeout_off(tiny_model_repo: Path) -> None:
+    running = RunningServer(make_config(tiny_model_repo, stream_write_timeout=0.0))
+    try:
+        with grpc.insecure_channel(running.target, options=SMALL_WINDOW) as channel:
+            stalled = textgen_pb2_grpc.TextGenerationStub(channel).Generate(
+                build_request("The ", max_tokens=LONG, seed=13, include_tokens=True), timeout=120
+            )
+            next(stalled)
+            time.sleep(2 * TIMEOUT)  # twice what ends a stalled stream on the other servers
+            assert running.sample("textgen_requests_total") == 0  # still open
+            # The client cancelling a stalled stream ends it as CANCELLED.
+            stalled.cancel()
+            assert wait_until(lambda: running.sample("textgen_requests_total", {"code": "CANCELLED"}) == 1, 30)
+            assert wait_until(lambda: running.sample("textgen_active_sequences") == 0, 30)
+    finally:
+        running.stop(grace=0)
+
+
 def test_the_flag_and_its_environment_variable() -> None:
     assert parse_config([], {}).stream_write_timeout == 30.0
     assert parse_config(["--stream-write-timeout", "0"], {}).stream_write_timeout == 0.0
