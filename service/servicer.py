@@ -9,8 +9,8 @@ logs unexpected exceptions once, and never lets a request end as UNKNOWN.
 ``Generate`` writes its messages itself (``context.write``), each bounded by
 ``--stream-write-timeout`` (``_StallWatch``): a client that stops reading fills HTTP/2
 flow control, a write then waits, and after the timeout the request leaves the batch
-and the stream ends RESOURCE_EXHAUSTED (``stream_write_timeout``), with no await left
-unbounded, so the handler finishes even if the client never reads again.
+and the stream ends RESOURCE_EXHAUSTED (``stream_write_timeout``). The final status is
+bounded by the same timeout, so the handler finishes even if the client never reads again.
 """
 
 from __future__ import annotations
