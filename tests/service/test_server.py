@@ -46,7 +46,12 @@ def test_config_flags_win_over_environment_which_wins_over_defaults() -> None:
 def test_every_field_has_a_flag_and_an_environment_variable() -> None:
     import dataclasses
 
-    values = {"log_level": "DEBUG", "max_tokens_limit": "5000", "max_receive_message_bytes": "100000"}
+    values = {
+        "log_level": "DEBUG",
+        "max_tokens_limit": "5000",
+        "max_receive_message_bytes": "100000",
+        "malloc_mmap_threshold": "4096",
+    }
     # Fields that are only valid together with others (given as flags in both cases).
     companions = {
         "tls_cert": ["--tls-key", "k"],
