@@ -346,9 +346,10 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
                     self._write_timeout or 0.0, outcome.completion_tokens, outcome.request_id
                 ) from None
             raise
-        except Exception as exc:
-            # grpc fails a pending write (ExecuteBatchError) when the call ends under it: the
-            # client cancelled or went away, or its deadline passed. A cancellation, not a bug.
+        except grpc.aio.InternalError as exc:
+            # grpc fails a pending write (ExecuteBatchError, an InternalError) when the call ends
+            # under it: the client cancelled or went away, or its deadline passed. A cancellation,
+            # not a bug; anything else (a message that does not serialize) stays an error.
             raise asyncio.CancelledError(f"the call ended during a write ({type(exc).__name__})") from exc
         finally:
             writer.since = None
