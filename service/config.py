@@ -148,7 +148,7 @@ _HELP = {
     "tls_client_ca": "PEM CA bundle; clients must then present a certificate it signed (mTLS)",
     "auth_token_file": "file of bearer tokens, one per line, reloaded when it changes; textgen RPCs then need one",
     "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
-    "steps_per_call": "decode steps per model call while no prompt is being fed (tokens then arrive K at a time)",
+    "steps_per_call": "decode steps per model call while no request waits to join (tokens then arrive K at a time)",
     "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus one, for the event loop)",
     "malloc_mmap_threshold": "bytes above which glibc maps each allocation on its own and unmaps it when freed, "
     "so memory of a large batch goes back to the OS (0 = glibc's own, rising threshold)",

@@ -74,8 +74,8 @@ class EngineConfig:
     # prompt rides, which keeps running streams flattest on a small CPU; the
     # worker gives long prompts a much earlier first token (docs/engine.md).
     prefill_threshold: int = 0
-    # Decode steps per model call while every row of a batch is generating and
-    # nobody waits to join: one ``tf.while_loop`` call makes K tokens per row, so
+    # Decode steps per model call while nobody waits to join (rows reading their
+    # prompt are fed it inside the loop): one ``tf.while_loop`` call makes K steps, so
     # the Python and dispatch cost of a call is paid once per K tokens. Tokens then
     # reach readers K at a time, and a cancel, deadline or arrival waits up to one
     # call. 1 (the default): one step per call. The same seed gives the same text
@@ -561,7 +561,7 @@ class Engine:
             batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
         tokens_t = batch.tokens_t if batch.tokens_t is not None else tf.constant(batch.tokens)
         k = self.config.steps_per_call
-        if k > 1 and not self._waiting and not batch.prompt_left.any():
+        if k > 1 and not self._waiting:
             self._step_many(batch, tokens_t, k, started)
             return
         ids_t, logprobs_t, batch.state = model.decode(
@@ -593,11 +593,27 @@ class Engine:
         self._deliver(batch, ids, logprobs, generating)
 
     def _step_many(self, batch: _Batch, tokens_t: Any, k: int, started: float) -> None:
-        """``k`` decode steps in one call (every row is generating); each row gets its tokens in order."""
+        """``k`` decode steps in one call; rows reading their prompt are fed it in the graph.
+
+        A row with ``prompt_left = n`` is fed its next ``min(n, k)`` prompt tokens and
+        generates from step ``n`` on; each generating row gets its tokens in order.
+        """
         model = batch.model
         assert batch.params_t is not None
+        left = np.minimum(batch.prompt_left, k).astype(np.int32)
+        riding = np.nonzero(left)[0].tolist()
+        forced = np.zeros((len(batch.rows), k), np.int32)
+        for i in riding:
+            row = batch.rows[i]
+            forced[i, : left[i]] = row.prompt_ids[row.cursor : row.cursor + int(left[i])]
         ids_t, logprobs_t, batch.state = model.decode_steps(
-            tokens_t, batch.state, *batch.params_t, tf.constant(batch.position), tf.constant(k, tf.int32)
+            tokens_t,
+            batch.state,
+            *batch.params_t,
+            tf.constant(batch.position),
+            tf.constant(k, tf.int32),
+            tf.constant(forced),
+            tf.constant(left),
         )
         ids = ids_t.numpy()  # (k, b)
         logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(ids.shape, np.float32)
@@ -613,11 +629,16 @@ class Engine:
         for j in range(k):
             # A row that finished at an earlier step of this call (max_tokens, a stop)
             # gets no more of its tokens; compaction drops it before the next call.
-            live = np.array([i for i, row in enumerate(batch.rows) if not row.done], np.int64)
-            if not len(live):
-                break
-            self._deliver(batch, ids[j], logprobs[j], live)
-        batch.tokens_t = None  # batch.tokens holds each live row's last token
+            live = np.array([i for i, row in enumerate(batch.rows) if not row.done and j >= left[i]], np.int64)
+            if len(live):
+                self._deliver(batch, ids[j], logprobs[j], live)
+        for i in riding:
+            row = batch.rows[i]
+            row.cursor += int(left[i])
+            if left[i] == k:  # read its prompt for the whole call: the last token it was given is fed next
+                batch.tokens[i] = forced[i, k - 1]
+        batch.prompt_left -= left
+        batch.tokens_t = None  # batch.tokens holds each row's next token
 
     def _deliver(self, batch: _Batch, ids: np.ndarray, logprobs: np.ndarray, which: np.ndarray | None) -> None:
         """Hand rows ``which`` (None: all) their sampled token; the per-token Python work of the engine."""

@@ -104,8 +104,10 @@ class LoadedModel:
     decode: Any = field(repr=False, default=None)
     # prefill_sample(tokens[B,T], lengths[B], temperature, top_k, top_p, seed, position) -> same as decode
     prefill_sample: Any = field(repr=False, default=None)
-    # decode_steps(tokens[B], state[B,S], temperature, top_k, top_p, seed, position, steps[]) ->
-    #   (ids[K,B] int32, logprobs[K,B] float32, state[B,S]): K = steps decode steps in one call
+    # decode_steps(tokens[B], state[B,S], temperature, top_k, top_p, seed, position, steps[], forced[B,K], left[B])
+    #   -> (ids[K,B] int32, logprobs[K,B] float32, state[B,S]): K = steps decode steps in one call. A row
+    #   with left = n > 0 is still reading its prompt: at steps 0..n-1 it is fed forced[:, i] (its next
+    #   prompt tokens) instead of its sample, and it generates from step n on (sampler position p + i - n).
     decode_steps: Any = field(repr=False, default=None)
     loaded_at: float = 0.0
 
@@ -253,14 +255,24 @@ def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[
         ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
         return ids, logprobs, out["state"]
 
-    @tf.function(input_signature=[*decode_signature, tf.TensorSpec([], tf.int32, name="steps")])
-    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps):  # type: ignore[no-untyped-def]
-        # Each step feeds back its own sample at position + i: exactly the tokens
-        # `steps` calls of _decode would give, in one call (one Python round trip).
+    @tf.function(
+        input_signature=[
+            *decode_signature,
+            tf.TensorSpec([], tf.int32, name="steps"),
+            tf.TensorSpec([None, None], tf.int32, name="forced"),
+            tf.TensorSpec([None], tf.int32, name="left"),
+        ]
+    )
+    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left):  # type: ignore[no-untyped-def]
+        # A generating row feeds back its own sample at position + (i - left); a row still
+        # reading its prompt is fed its next prompt token: exactly the tokens `steps` calls
+        # of _decode would give (with the engine feeding prompts), in one call.
         def body(i, tokens, state, ids_ta, logprobs_ta):  # type: ignore[no-untyped-def]
             out = step_fn(tokens=tokens, state=state)
-            ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
-            return i + 1, ids, out["state"], ids_ta.write(i, ids), logprobs_ta.write(i, logprobs)
+            generated = tf.cast(tf.maximum(i - left, 0), tf.int64)
+            ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position + generated)
+            fed = tf.where(i >= left, ids, tf.gather(forced, i, axis=1))
+            return i + 1, fed, out["state"], ids_ta.write(i, ids), logprobs_ta.write(i, logprobs)
 
         loop_vars = [
             tf.constant(0),
@@ -282,7 +294,14 @@ def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[
     for batch in sorted(set(warmup_batch_sizes) | {1}):
         decode(tf.fill([batch], tokenizer.start_ids[0]), tf.zeros([batch, state_size]), *_zeros_params(batch))
         prefill_sample(tf.fill([batch, 2], tokenizer.start_ids[0]), tf.fill([batch], 2), *_zeros_params(batch))
-    decode_steps(tf.fill([1], tokenizer.start_ids[0]), tf.zeros([1, state_size]), *_zeros_params(1), tf.constant(2))
+    decode_steps(
+        tf.fill([1], tokenizer.start_ids[0]),
+        tf.zeros([1, state_size]),
+        *_zeros_params(1),
+        tf.constant(2),
+        tf.fill([1, 2], tokenizer.start_ids[0]),
+        tf.ones([1], tf.int32),
+    )
     return LoadedModel(
         name=name,
         version=version,

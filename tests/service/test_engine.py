@@ -445,3 +445,47 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
     # The same steps, in far fewer calls (prompts ride in one-step calls first).
     assert many_engine.steps >= 45
     assert many_engine.calls < one_engine.calls / 2
+
+
+def test_prompts_ride_inside_multi_step_calls_with_the_same_streams_as_one_step(model, metrics):
+    """Requests that join a running batch read their prompts inside K-step calls; every stream is unchanged."""
+    long_prompt = "The object of this module is the " * 2  # 66 characters: rides across several 8-step calls
+    joiners = [
+        (long_prompt, SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=21, include_tokens=True)),
+        ("The ", SamplingParams(max_tokens=12, temperature=0.8, top_k=7, seed=22, include_tokens=True)),
+        (PROMPT + "is", SamplingParams(max_tokens=25, temperature=1.0, seed=23, stop=("e",), include_tokens=True)),
+        # 8 and 16 prompt tokens after the first: a call reads exactly the rest of the prompt
+        ("The objec", SamplingParams(max_tokens=10, temperature=1.0, seed=24, include_tokens=True)),
+        ("The object of thi", SamplingParams(max_tokens=10, temperature=1.0, seed=25, include_tokens=True)),
+    ]
+    first = (PROMPT, SamplingParams(max_tokens=400, temperature=1.0, seed=20, include_tokens=True))
+
+    def run(steps_per_call: int) -> tuple[list[tuple[str, list[int], list[float], str | None]], Engine]:
+        engine = Engine(EngineConfig(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call), metrics)
+        engine.start()
+        try:
+
+            async def joined() -> list[tuple[str, list[Chunk]]]:
+                loop = asyncio.get_running_loop()
+                running = engine.submit(model, first[0], first[1], loop)
+                await running.next_chunk()  # the batch is running: the others join it and ride
+                streams = [engine.submit(model, prompt, params, loop) for prompt, params in joiners]
+                return await asyncio.gather(collect(running), *(collect(s) for s in streams))
+
+            out = []
+            for text, chunks in asyncio.run(joined())[1:]:
+                ids = [i for c in chunks for i in c.token_ids]
+                logprobs = [p for c in chunks for p in c.logprobs]
+                out.append((text, ids, logprobs, chunks[-1].finish_reason))
+            return out, engine
+        finally:
+            engine.stop(5.0)
+
+    one, _ = run(1)
+    many, many_engine = run(8)
+    assert [(t, i, f) for t, i, _, f in many] == [(t, i, f) for t, i, _, f in one]
+    for (_, _, lp_many, _), (_, _, lp_one, _) in zip(many, one, strict=True):
+        assert lp_many == pytest.approx(lp_one, abs=1e-5)
+    assert [len(i) for _, i, _, _ in one][:2] == [30, 12] and one[2][3] == "stop"
+    # The long prompt was read in 8-step calls too: nearly every call made 8 steps.
+    assert many_engine.calls <= many_engine.steps / 6
