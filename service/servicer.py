@@ -498,8 +498,17 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         try:
             async with asyncio.timeout(self._write_timeout):
                 await context.abort(code, message)
-        except TimeoutError:
-            log.debug("request %s: the %s status waits for a client that does not read", request_id, code.name)
+        except (TimeoutError, grpc.aio.InternalError) as failed:
+            # The status waits behind messages the client has not read (TimeoutError), or the
+            # call ended while it waited (grpc fails the send: the client cancelled or went away).
+            if not isinstance(failed, TimeoutError):
+                outcome.code = grpc.StatusCode.CANCELLED
+            log.debug("request %s: the %s status was not delivered (%s)", request_id, code.name, type(failed).__name__)
+        finally:
+            # A client whose deadline passed before the status reached it saw DEADLINE_EXCEEDED.
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
 
     def _record(self, outcome: _Outcome, started: float) -> None:
         elapsed = time.monotonic() - started

@@ -77,6 +77,33 @@ def test_a_stalled_stream_is_ended_and_frees_its_row_while_the_client_reads_noth
     assert "".join(r.text for r in responses) == "".join(t.text for r in responses for t in r.tokens)
 
 
+def test_a_deadline_that_passes_while_the_status_waits_is_counted_as_the_client_sees_it(
+    tiny_model_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The write times out (0.4-0.5 s), the status then waits behind unread messages, and the
+    client's deadline (0.65 s) passes meanwhile: DEADLINE_EXCEEDED, with no error logged."""
+    running = RunningServer(make_config(tiny_model_repo, stream_write_timeout=0.4))
+    caplog.set_level("WARNING")
+    try:
+        with grpc.insecure_channel(running.target, options=SMALL_WINDOW) as channel:
+            stub = textgen_pb2_grpc.TextGenerationStub(channel)
+            calls = [stub.Generate(build_request("The ", max_tokens=LONG, seed=i), timeout=0.65) for i in range(4)]
+            for call in calls:
+                next(call)  # one message each, then nothing
+            assert wait_until(lambda: running.sample("textgen_requests_total", {"code": "DEADLINE_EXCEEDED"}) == 4, 15)
+            assert running.sample("textgen_requests_total", {"code": "RESOURCE_EXHAUSTED"}) == 0
+            assert wait_until(lambda: running.server.engine.active == 0, 5)
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as info:
+                    for _ in call:
+                        pass
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        running.stop(grace=0)
+    errors = [r for r in caplog.records if r.levelno >= 40]
+    assert not errors, [r.getMessage()[:200] for r in errors]
+
+
 def test_a_reader_that_keeps_reading_is_never_cut_off(server: RunningServer) -> None:
     n = 3000
     before = server.sample("textgen_requests_total", {"code": "RESOURCE_EXHAUSTED"})
