@@ -600,6 +600,7 @@ class Engine:
         """
         model = batch.model
         assert batch.params_t is not None
+        began = time.monotonic()
         left = np.minimum(batch.prompt_left, k).astype(np.int32)
         riding = np.nonzero(left)[0].tolist()
         forced = np.zeros((len(batch.rows), k), np.int32)
@@ -626,12 +627,19 @@ class Engine:
             for _ in range(k):
                 mm.step_duration.observe(elapsed / k)
                 mm.batch_size.observe(len(batch.rows))
+        # Inter-token latency: a row's tokens of this call arrive together, so each is given an
+        # equal share of the time since its previous token (since the call began for a row with
+        # none yet), as a client that divides a message's gap by its tokens sees it.
+        previous = np.array([began if r.last_token_time is None else r.last_token_time for r in batch.rows])
+        shares = (time.monotonic() - previous) / np.maximum(k - left, 1)
+        done = np.array([row.done for row in batch.rows], bool)
         for j in range(k):
             # A row that finished at an earlier step of this call (max_tokens, a stop)
             # gets no more of its tokens; compaction drops it before the next call.
-            live = np.array([i for i, row in enumerate(batch.rows) if not row.done and j >= left[i]], np.int64)
+            live = np.nonzero(~done & (left <= j))[0]
             if len(live):
-                self._deliver(batch, ids[j], logprobs[j], live)
+                self._deliver(batch, ids[j], logprobs[j], live, shares)
+                done[live] = [batch.rows[i].done for i in live.tolist()]
         for i in riding:
             row = batch.rows[i]
             row.cursor += int(left[i])
@@ -640,8 +648,19 @@ class Engine:
         batch.prompt_left -= left
         batch.tokens_t = None  # batch.tokens holds each row's next token
 
-    def _deliver(self, batch: _Batch, ids: np.ndarray, logprobs: np.ndarray, which: np.ndarray | None) -> None:
-        """Hand rows ``which`` (None: all) their sampled token; the per-token Python work of the engine."""
+    def _deliver(
+        self,
+        batch: _Batch,
+        ids: np.ndarray,
+        logprobs: np.ndarray,
+        which: np.ndarray | None,
+        latencies: np.ndarray | None = None,
+    ) -> None:
+        """Hand rows ``which`` (None: all) their sampled token; the per-token Python work of the engine.
+
+        ``latencies`` (per row, seconds) replaces the time since a row's previous token as its
+        inter-token latency (K-step calls, whose tokens arrive together).
+        """
         now = time.monotonic()
         rows = batch.rows
         tokenizer = batch.model.tokenizer
@@ -663,7 +682,7 @@ class Engine:
                 if row.last_token_time is None:
                     mm.time_to_first_token.observe(now - stream.submitted_at)
                 else:
-                    mm.inter_token_latency.observe(now - row.last_token_time)
+                    mm.inter_token_latency.observe(now - row.last_token_time if latencies is None else latencies[i])
             row.last_token_time = now
             wake.setdefault(stream.loop, []).append(stream)
             delivered += 1

@@ -447,6 +447,49 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
     assert many_engine.calls < one_engine.calls / 2
 
 
+def _itl_share_below_half_the_mean(metrics: ServingMetrics) -> tuple[float, float]:
+    """(observations, the share of them at most half the mean) of the inter-token latency histogram.
+
+    The share is read at the largest bucket bound that is <= mean / 2, so it never overstates.
+    """
+    buckets: dict[float, float] = {}
+    total = count = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "textgen_inter_token_latency_seconds_bucket":
+                buckets[float(sample.labels["le"])] = sample.value
+            elif sample.name == "textgen_inter_token_latency_seconds_sum":
+                total = sample.value
+            elif sample.name == "textgen_inter_token_latency_seconds_count":
+                count = sample.value
+    below = [bound for bound in buckets if bound <= total / count / 2]
+    return count, (buckets[max(below)] / count if below else 0.0)
+
+
+def test_multi_step_calls_spread_inter_token_latency_over_their_tokens(model):
+    """K tokens of a call arrive together: each gets a share of the gap, not K-1 near-zeros and one whole gap."""
+    for k in (1, 8):
+        metrics = ServingMetrics()
+        engine = Engine(EngineConfig(max_concurrent=32, max_queue=32, steps_per_call=k), metrics)
+        engine.start()
+        try:
+
+            async def many(engine: Engine) -> list[tuple[str, list[Chunk]]]:
+                loop = asyncio.get_running_loop()
+                params = [SamplingParams(max_tokens=64, temperature=1.0, seed=100 + i) for i in range(32)]
+                streams = [engine.submit(model, PROMPT, p, loop) for p in params]
+                return await asyncio.gather(*(collect(s) for s in streams))
+
+            asyncio.run(many(engine))
+        finally:
+            engine.stop(5.0)
+        count, share = _itl_share_below_half_the_mean(metrics)
+        assert count == 32 * 63  # one observation per token after the first, whatever K is
+        # Unspread, 7 of every 8 observations with K = 8 are the few microseconds between two
+        # deliveries of one call, far below the mean.
+        assert share < 0.5, (k, share)
+
+
 def test_prompts_ride_inside_multi_step_calls_with_the_same_streams_as_one_step(model, metrics):
     """Requests that join a running batch read their prompts inside K-step calls; every stream is unchanged."""
     long_prompt = "The object of this module is the " * 2  # 66 characters: rides across several 8-step calls
