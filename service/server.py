@@ -274,7 +274,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def configure_process(config: ServerConfig) -> int | None:
+def configure_process(config: ServerConfig, environ: Mapping[str, str]) -> int | None:
     """Process-wide tuning, before TensorFlow runs its first op; returns the intra-op threads set (None: kept).
 
     On a CPU the event loop (gRPC, the servicer) needs a core of its own: TensorFlow's
@@ -283,7 +283,7 @@ def configure_process(config: ServerConfig) -> int | None:
     went from 0.55x to 0.63x of the engine-only rate.
     """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    if set_mmap_threshold(config.malloc_mmap_threshold):
+    if set_mmap_threshold(config.malloc_mmap_threshold, environ):
         log.info("glibc mmap threshold fixed at %d bytes", config.malloc_mmap_threshold)
     threads = config.intra_op_threads
     if threads == 0:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    threads = configure_process(config)
+    threads = configure_process(config, os.environ if environ is None else environ)
     if threads is not None:
         log.info(
             "TensorFlow uses %d intra-op thread(s); GIL switch interval %.1f ms", threads, GIL_SWITCH_INTERVAL * 1e3

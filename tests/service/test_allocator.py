@@ -17,7 +17,7 @@ PROBE = """
 import ctypes, os, sys
 from service.allocator import set_mmap_threshold
 if sys.argv[1] == "fixed":
-    assert set_mmap_threshold(131072)
+    assert set_mmap_threshold(131072, {})
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -56,10 +56,12 @@ def test_fixed_threshold_returns_freed_large_blocks_to_the_os() -> None:
     assert _retained_after_free("fixed") < 8 * mib
 
 
-def test_zero_leaves_the_allocator_alone_and_bad_values_are_refused() -> None:
-    assert set_mmap_threshold(0) is False
+def test_zero_or_the_glibc_variable_leave_the_allocator_alone_and_bad_values_are_refused() -> None:
+    assert set_mmap_threshold(0, {}) is False
+    # The operator's own glibc variable wins (glibc applied it at start-up).
+    assert set_mmap_threshold(131072, {"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
     with pytest.raises(ValueError, match=r"mmap threshold must be 0 \(off\) or in \[4096, 33554432\] bytes, got 100"):
-        set_mmap_threshold(100)
+        set_mmap_threshold(100, {})
     with pytest.raises(ConfigError, match=r"--malloc-mmap-threshold must be 0 \(off\) or in .* got 67108864"):
         parse_config(["--malloc-mmap-threshold", str(64 << 20)], {})
     assert parse_config([], {"TEXTGEN_MALLOC_MMAP_THRESHOLD": "0"}).malloc_mmap_threshold == 0
