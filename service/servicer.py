@@ -482,14 +482,13 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     ) -> None:
         """Ends the RPC with the status ``exc`` maps to; re-raises cancellation and aborts as they are.
 
-        Returns (rather than raising grpc's AbortError) only when the status could not be sent
-        within ``--stream-write-timeout``: it then waits in gRPC behind messages the client has
-        not read, and grpc ends the RPC with it once the handler returns.
+        Returns (rather than raising grpc's AbortError) only when the status was not delivered:
+        it still waits in gRPC behind messages the client has not read after
+        ``--stream-write-timeout`` (grpc ends the RPC with it once the handler returns), or the
+        call ended while it waited.
         """
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
             raise exc
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
@@ -506,8 +505,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             log.debug("request %s: the %s status was not delivered (%s)", request_id, code.name, type(failed).__name__)
         finally:
             # A client whose deadline passed before the status reached it saw DEADLINE_EXCEEDED.
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if _deadline_passed(context):
                 outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
 
     def _record(self, outcome: _Outcome, started: float) -> None:
@@ -524,6 +522,12 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             outcome.completion_tokens,
             elapsed,
         )
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """True once the client's deadline has passed (it then sees DEADLINE_EXCEEDED, whatever the server sends)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _model_info(model: LoadedModel) -> textgen_pb2.ModelInfo:
