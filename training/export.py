@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from training.fused_step import input_projection_table, step_from_projection
 from training.model import ModelConfig, build_model, pack_state, rnn_layers, unpack_state
 from training.tokenizer import Tokenizer
 
@@ -50,6 +51,12 @@ class ServingModule(tf.Module):
         self._embedding = model.get_layer("embedding")
         self._rnns = rnn_layers(model, config)
         self._dense = model.get_layer("logits")
+        # The first layer's input projection for every token, when it is small enough (fused_step.py).
+        table = input_projection_table(
+            np.asarray(self._embedding.embeddings, np.float32), self._rnns[0].cell, config.cell
+        )
+        self.folded = table is not None
+        self._input_table = None if table is None else tf.Variable(table, trainable=False, name="input_table")
 
     @tf.function(
         input_signature=[
@@ -79,9 +86,17 @@ class ServingModule(tf.Module):
         ]
     )
     def step(self, tokens: tf.Tensor, state: tf.Tensor) -> dict[str, tf.Tensor]:
-        x = self._embedding(tokens)  # (b, e)
+        layer_states = unpack_state(state, self.config)
+        rnns = self._rnns
         new_states: list[tf.Tensor] = []
-        for rnn, layer_state in zip(self._rnns, unpack_state(state, self.config), strict=True):
+        if self._input_table is not None:
+            projection = tf.gather(self._input_table, tokens)  # (b, gates * units): embedding @ kernel + bias
+            new_states = step_from_projection(rnns[0].cell, self.config.cell, projection, layer_states[0])
+            x = new_states[0]
+            rnns, layer_states = rnns[1:], layer_states[1:]
+        else:
+            x = self._embedding(tokens)  # (b, e)
+        for rnn, layer_state in zip(rnns, layer_states, strict=True):
             dtype = rnn.compute_dtype
             cell_state = [tf.cast(s, dtype) for s in layer_state]
             # The cell is the single-step form of the fused layer: same weights.
@@ -132,6 +147,7 @@ def export_version(
             "contract_version": CONTRACT_VERSION,
             "architecture": config.to_dict(),
             "state_size": config.state_size,
+            "step_input_table": module.folded,
             "level": tokenizer.level,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **metadata,
