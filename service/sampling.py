@@ -7,11 +7,14 @@ top-p and seed, and a row's choice depends only on its own logits, parameters,
 seed and position: never on which other rows share the batch. That is what
 makes a seeded request reproducible under continuous batching.
 
-How: Gumbel-max. ``argmax(logits / T + g)`` with ``g = -log(-log(u))`` and
-``u`` uniform draws one token from ``softmax(logits / T)``. The uniforms come
-from a counter-based integer hash of ``(seed, position, vocabulary id)``
-computed with TF integer ops, so each row gets its own stream of noise
-(``tf.random.stateless_*`` takes one seed per call and cannot do that).
+How: inverse-CDF sampling. One uniform ``u`` per row picks the first token
+whose cumulative probability under ``softmax(logits / T)`` (after top-k and
+top-p) reaches ``u``. The uniform comes from a counter-based integer hash of
+``(seed, position)`` computed with TF integer ops, so each row gets its own
+stream (``tf.random.stateless_*`` takes one seed per call and cannot do that).
+An earlier version drew Gumbel noise for every (row, vocabulary id) and sorted
+every row every step; drawing one number per row and sorting only when a row
+asks for top-k/top-p made the sampler about 4x cheaper (docs/performance.md).
 
 ``StopSequenceMatcher`` and ``StoppingCriteria`` are plain Python, free of
 TensorFlow, and unit-tested without a model (the TGI pattern).
@@ -58,8 +61,8 @@ def _mix32(x: tf.Tensor) -> tf.Tensor:
     return x
 
 
-def uniform_noise(seed: tf.Tensor, position: tf.Tensor, vocab_size: tf.Tensor | int) -> tf.Tensor:
-    """Uniforms in (0, 1), shape ``(b, vocab)``: a pure function of (seed, position, id) per cell.
+def row_uniform(seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+    """One uniform in (0, 1) per row, shape ``(b,)``: a pure function of (seed, position).
 
     ``seed`` and ``position`` are int64 ``(b,)``; the 64-bit seed is folded in
     as two 32-bit halves.
@@ -71,13 +74,32 @@ def uniform_noise(seed: tf.Tensor, position: tf.Tensor, vocab_size: tf.Tensor | 
     pos = tf.bitwise.bitwise_and(position, _MASK32)
     key = _mix32(tf.bitwise.bitwise_xor(lo, _GOLDEN))
     key = _mix32(tf.bitwise.bitwise_xor(key, _mix32(hi + 0x632BE5AB)))
-    key = _mix32(tf.bitwise.bitwise_xor(key, _mix32(tf.bitwise.bitwise_and(pos * 2 + 1, _MASK32))))  # (b,)
-    ids = tf.range(tf.cast(vocab_size, tf.int64), dtype=tf.int64)  # (v,)
-    cell = _mix32(tf.bitwise.bitwise_xor(key[:, None], _mix32(ids + 0x5BD1E995)[None, :]))  # (b, v)
-    cell = _mix32(cell + key[:, None])
+    key = _mix32(tf.bitwise.bitwise_xor(key, _mix32(tf.bitwise.bitwise_and(pos * 2 + 1, _MASK32))))
     # 24 bits -> a float32 strictly inside (0, 1).
-    top24 = tf.cast(tf.bitwise.right_shift(cell, 8), tf.float32)
+    top24 = tf.cast(tf.bitwise.right_shift(key, 8), tf.float32)
     return (top24 + 0.5) / float(1 << 24)
+
+
+def _truncation_mask(scaled: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.Tensor:
+    """Which tokens top-k and then top-p keep, ``(b, v)`` bool in vocabulary order.
+
+    One descending sort finds each row's cut-off logit: the k-th best for
+    top-k, then the last one the nucleus needs for top-p. A token is kept when
+    its logit reaches the cut-off, so tokens tied with the last kept one are
+    kept too (the threshold rule vLLM and TGI use).
+    """
+    vocab = tf.shape(scaled)[1]
+    sorted_logits = tf.math.top_k(scaled, k=vocab, sorted=True).values  # (b, v)
+    rank = tf.range(vocab)[None, :]  # (1, v)
+    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)  # (b,)
+    in_top_k = rank < k[:, None]
+    probs = tf.nn.softmax(tf.where(in_top_k, sorted_logits, float("-inf")), axis=-1)
+    before = tf.math.cumsum(probs, axis=-1, exclusive=True)  # mass of strictly better tokens
+    nucleus = tf.logical_or(before < top_p[:, None], rank == 0)
+    nucleus = tf.logical_or(nucleus, top_p[:, None] >= 1.0)  # 1 = off, whatever the rounding of cumsum
+    kept = tf.reduce_sum(tf.cast(tf.logical_and(in_top_k, nucleus), tf.int32), axis=-1)  # (b,) >= 1
+    cutoff = tf.gather(sorted_logits, kept - 1, batch_dims=1)  # (b,)
+    return scaled >= cutoff[:, None]
 
 
 def sample(
@@ -94,7 +116,15 @@ def sample(
     * ``top_k`` int32 ``(b,)``: keep the k most likely tokens, 0 = off;
     * ``top_p`` float32 ``(b,)``: keep the smallest set of most likely tokens
       whose probability (after temperature and top-k) reaches p, 1 = off;
-    * ``seed``/``position`` int64 ``(b,)``: the noise for this row and step.
+    * ``seed``/``position`` int64 ``(b,)``: the row's draw for this step.
+
+    How: inverse-CDF sampling in vocabulary order. The row's uniform ``u``
+    picks the first token whose cumulative probability reaches ``u`` times the
+    total, so a token with probability 0 (padding, or cut by top-k/top-p) is
+    never picked. The sort that top-k/top-p need runs only when some row of the
+    batch asks for them; rows that do not get exactly the same draw either way,
+    because truncation only masks logits and the draw is always made in
+    vocabulary order.
 
     The logprob is the model's own log-softmax of the chosen id (temperature 1,
     no truncation), so it measures how likely the model found the token,
@@ -110,28 +140,21 @@ def sample(
     greedy = temperature <= 0.0  # (b,)
     safe_t = tf.where(greedy, tf.ones_like(temperature), temperature)
     scaled = logits / safe_t[:, None]  # (b, v)
+    truncating = tf.logical_or(tf.logical_and(top_k > 0, top_k < vocab), top_p < 1.0)
+    truncating = tf.logical_and(truncating, tf.logical_not(greedy))
+    scaled = tf.cond(
+        tf.reduce_any(truncating),
+        lambda: tf.where(_truncation_mask(scaled, top_k, top_p), scaled, float("-inf")),
+        lambda: scaled,
+    )
 
-    # Sort once; all truncation happens in sorted order.
-    sorted_logits, sorted_ids = tf.math.top_k(scaled, k=vocab, sorted=True)  # (b, v) each
-    rank = tf.range(vocab)[None, :]  # (1, v)
-    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)  # (b,)
-    keep = rank < k[:, None]  # (b, v)
-    neg_inf = tf.fill(tf.shape(sorted_logits), float("-inf"))
-    topk_logits = tf.where(keep, sorted_logits, neg_inf)
-    probs = tf.nn.softmax(topk_logits, axis=-1)
-    before = tf.math.cumsum(probs, axis=-1, exclusive=True)  # mass of strictly better tokens
-    nucleus = tf.logical_or(before < top_p[:, None], rank == 0)
-    nucleus = tf.logical_or(nucleus, top_p[:, None] >= 1.0)  # 1 = off, whatever the rounding of cumsum
-    keep = tf.logical_and(keep, nucleus)
-    kept_logits = tf.where(keep, sorted_logits, neg_inf)
-
-    noise = uniform_noise(seed, position, vocab)  # (b, v), indexed by vocabulary id
-    gumbel = -tf.math.log(-tf.math.log(noise))
-    sorted_gumbel = tf.gather(gumbel, sorted_ids, batch_dims=1)  # (b, v)
-    choice = tf.argmax(kept_logits + sorted_gumbel, axis=-1, output_type=tf.int32)  # (b,)
-    sampled = tf.gather(sorted_ids, choice, batch_dims=1)  # (b,)
+    cdf = tf.math.cumsum(tf.nn.softmax(scaled, axis=-1), axis=-1)  # (b, v)
+    target = row_uniform(seed, position) * cdf[:, -1]  # (b,): scaled to the total, which rounding moves off 1
+    sampled = tf.reduce_sum(tf.cast(cdf < target[:, None], tf.int32), axis=-1)
+    sampled = tf.minimum(sampled, vocab - 1)
     argmax = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    ids = tf.where(greedy, argmax, sampled)
+    # A temperature so small that logits / T overflows leaves no finite distribution: that is greedy.
+    ids = tf.where(tf.logical_or(greedy, tf.logical_not(tf.math.is_finite(cdf[:, -1]))), argmax, sampled)
     logprobs = tf.gather(model_logprobs, ids, batch_dims=1)
     return ids, logprobs
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from service.sampling import SAMPLER_SIGNATURE, StoppingCriteria, StopSequenceMatcher, sample, uniform_noise
+from service.sampling import SAMPLER_SIGNATURE, StoppingCriteria, StopSequenceMatcher, row_uniform, sample
 
 VOCAB = 50
 
@@ -89,6 +89,17 @@ def test_sampling_follows_the_distribution(sampler):
     assert 0.16 < share < 0.24
 
 
+def test_truncated_sampling_follows_the_renormalised_distribution(sampler):
+    row = np.full(VOCAB, -np.inf, np.float32)
+    row[1:5] = np.log([0.5, 0.3, 0.15, 0.05])
+    logits = np.tile(row, (4000, 1))
+    ids, _ = _run(sampler, logits, top_k=2, seed=np.arange(4000) + 3)
+    assert set(ids.tolist()) == {1, 2}
+    assert 0.34 < float((ids == 2).mean()) < 0.41  # 0.3 / 0.8 = 0.375
+    ids, _ = _run(sampler, logits, top_p=0.9, seed=np.arange(4000) + 5)
+    assert 0.13 < float((ids == 3).mean()) < 0.18  # 0.15 / 0.95 = 0.158
+
+
 def test_per_row_parameters_are_independent(sampler):
     logits = np.tile(_random_logits(1, seed=9), (3, 1))
     ids, _ = _run(sampler, logits, temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], seed=[1, 2, 3])
@@ -109,17 +120,27 @@ def test_a_row_does_not_depend_on_its_batch(sampler):
         positions[where] = p
         temps = rng.uniform(0.1, 2.0, size=9).astype(np.float32)
         temps[where] = 1.0
-        ids, _ = _run(sampler, batch, temperature=temps, seed=seeds, position=positions)
+        # Batch-mates asking for top-k/top-p make the batch take the sorting branch (every other p).
+        top_k = rng.choice([0, 3, 10], size=9) * (p % 2)
+        top_p = np.where(p % 2, rng.choice([1.0, 0.5, 0.9], size=9), 1.0).astype(np.float32)
+        top_k[where], top_p[where] = 0, 1.0
+        ids, _ = _run(sampler, batch, temperature=temps, top_k=top_k, top_p=top_p, seed=seeds, position=positions)
         assert ids[where] == alone[p]
 
 
 def test_different_seeds_and_positions_differ():
-    noise = uniform_noise(tf.constant([1, 2, 1, -5], tf.int64), tf.constant([0, 0, 1, 0], tf.int64), 1000).numpy()
-    assert noise.min() > 0.0 and noise.max() < 1.0
-    for a in range(4):
-        for b in range(a + 1, 4):
-            assert not np.allclose(noise[a], noise[b])
-    assert 0.45 < noise.mean() < 0.55
+    seeds = np.array([1, 2, 1, -5, 2**40 + 1], np.int64)  # rows 0 and 4 differ only in the seed's high half
+    positions = np.array([0, 0, 1, 0, 0], np.int64)
+    u = row_uniform(tf.constant(seeds), tf.constant(positions)).numpy()
+    assert len(set(u[:5].tolist())) == 5
+    many = row_uniform(tf.constant(np.arange(20_000, dtype=np.int64)), tf.zeros([20_000], tf.int64)).numpy()
+    assert many.min() > 0.0 and many.max() < 1.0
+    assert 0.49 < many.mean() < 0.51
+    counts = np.histogram(many, bins=10, range=(0.0, 1.0))[0]
+    assert counts.min() > 1800 and counts.max() < 2200  # ~2000 per tenth
+    # consecutive positions of one seed are uncorrelated
+    walk = row_uniform(tf.fill([20_000], tf.constant(7, tf.int64)), tf.range(20_000, dtype=tf.int64)).numpy()
+    assert abs(np.corrcoef(walk[:-1], walk[1:])[0, 1]) < 0.03
 
 
 def test_unseeded_style_draws_differ(sampler):
