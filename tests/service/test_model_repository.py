@@ -243,6 +243,24 @@ def test_removing_a_version_folder_unloads_it(tmp_path, good_version):
         repo.resolve("", 0)
 
 
+def test_loaded_models_are_frozen_out_of_the_collectors_full_passes(tmp_path, good_version):
+    """After a load, the model's objects sit in the permanent generation; an unload thaws and frees them."""
+    place(good_version, tmp_path, "tiny", 1)
+    repo = ModelRepository(str(tmp_path))
+    gc.unfreeze()
+    repo.load_all()
+    model = repo.resolve("", 0)
+    assert gc.get_freeze_count() > 0
+    tracked = {id(o) for o in gc.get_objects()}  # every generation but the permanent one
+    assert id(model) not in tracked and id(model.decode) not in tracked
+    refs = [weakref.ref(model), weakref.ref(model.saved), weakref.ref(model.decode)]
+    del model
+    shutil.rmtree(tmp_path / "tiny" / "1")
+    repo.poll()
+    # Frozen objects are not leaked: the poll that unloads thaws them before it collects.
+    assert [ref() for ref in refs] == [None, None, None]
+
+
 def test_empty_start_then_polling_finds_models(tmp_path, good_version):
     seen = []
     repo = ModelRepository(str(tmp_path), poll_seconds=0.1, on_change=lambda: seen.append(repo.has_model()))
