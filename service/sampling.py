@@ -14,7 +14,7 @@ top-p) reaches ``u``. The uniform comes from a counter-based integer hash of
 stream (``tf.random.stateless_*`` takes one seed per call and cannot do that).
 An earlier version drew Gumbel noise for every (row, vocabulary id) and sorted
 every row every step; drawing one number per row and sorting only when a row
-asks for top-k/top-p made the sampler about 4x cheaper (docs/performance.md).
+asks for top-k/top-p halved the sampler's time (docs/engine.md, "Sampling").
 
 ``StopSequenceMatcher`` and ``StoppingCriteria`` are plain Python, free of
 TensorFlow, and unit-tested without a model (the TGI pattern).
