@@ -50,8 +50,9 @@ class E2EConfig:
     level_timeout: float = 120.0
     server_max_batch_size: int = 1024
     server_max_concurrent: int = 1024
-    # The batched server's --steps-per-call (K decode steps per model call).
-    server_steps_per_call: int = 1
+    # Both servers' --steps-per-call and --call-budget-ms (the server's defaults).
+    server_steps_per_call: int = 8
+    server_call_budget_ms: float = 25.0
     # --max-batch-size 1: far slower, so less work per level and one repeat.
     baseline_streams: tuple[int, ...] = (1, 16, 64, 256, 1000)
     baseline_total_tokens: int = 4096
@@ -146,7 +147,14 @@ def make_server(config: BenchConfig, models_dir: str, max_batch_size: int) -> Se
         max_batch_size=max_batch_size,
         max_concurrent=e2e.server_max_concurrent,
         max_queue=max(e2e.server_max_concurrent, max(e2e.streams), max(e2e.baseline_streams)),
-        extra_args=("--steps-per-call", str(e2e.server_steps_per_call)) if max_batch_size > 1 else (),
+        # Both servers get the same K and budget; with --max-batch-size 1 and requests
+        # waiting to join, the engine makes one step per call anyway.
+        extra_args=(
+            "--steps-per-call",
+            str(e2e.server_steps_per_call),
+            "--call-budget-ms",
+            f"{e2e.server_call_budget_ms:g}",
+        ),
     )
     tag = "mbs1" if max_batch_size == 1 else "batched"
     return ServerProcess(spec, os.path.join(config.out, "logs", f"server-{tag}.log"))
@@ -313,7 +321,8 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
     parser.add_argument("--no-interference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
-    parser.add_argument("--steps-per-call", type=int, help="the batched server's --steps-per-call (default 1)")
+    parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
+    parser.add_argument("--call-budget-ms", type=float, help="the servers' --call-budget-ms (default 25)")
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
     reference, capacity = 64, 1000
@@ -351,6 +360,10 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         if args.steps_per_call < 1:
             parser.error(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
         e2e = replace(e2e, server_steps_per_call=args.steps_per_call)
+    if args.call_budget_ms is not None:
+        if args.call_budget_ms < 0:
+            parser.error(f"--call-budget-ms must be at least 0, got {args.call_budget_ms}")
+        e2e = replace(e2e, server_call_budget_ms=args.call_budget_ms)
     if args.streams:
         e2e = replace(e2e, streams=args.streams)
     if args.baseline_streams:

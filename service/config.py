@@ -51,7 +51,8 @@ class ServerConfig:
     health_port: int = -1
     intra_op_threads: int = 0
     malloc_mmap_threshold: int = 131072
-    steps_per_call: int = 1
+    steps_per_call: int = 8
+    call_budget_ms: float = 25.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -99,6 +100,7 @@ def _problems(c: ServerConfig) -> list[str]:
         need(value is None or bool(value), name, value, "a file path")
     need(c.max_stop_sequences >= 0, "max_stop_sequences", c.max_stop_sequences, ">= 0")
     need(c.steps_per_call >= 1, "steps_per_call", c.steps_per_call, ">= 1")
+    need(0.0 <= c.call_budget_ms <= 10_000.0, "call_budget_ms", c.call_budget_ms, "in [0, 10000] ms (0 = no limit)")
     need(c.intra_op_threads >= 0, "intra_op_threads", c.intra_op_threads, ">= 0 (0 = automatic)")
     need(
         c.malloc_mmap_threshold == 0 or 4096 <= c.malloc_mmap_threshold <= 32 * 1024 * 1024,
@@ -149,6 +151,8 @@ _HELP = {
     "auth_token_file": "file of bearer tokens, one per line, reloaded when it changes; textgen RPCs then need one",
     "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
     "steps_per_call": "decode steps per model call while no request waits to join (tokens then arrive K at a time)",
+    "call_budget_ms": "longest a multi-step call may take: K is cut to this over the batch's measured step time, "
+    "so large batches stream token by token (0 = always --steps-per-call)",
     "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus one, for the event loop)",
     "malloc_mmap_threshold": "bytes above which glibc maps each allocation on its own and unmaps it when freed, "
     "so memory of a large batch goes back to the OS (0 = glibc's own, rising threshold)",

@@ -81,6 +81,12 @@ class EngineConfig:
     # call. 1 (the default): one step per call. The same seed gives the same text
     # whatever K is.
     steps_per_call: int = 1
+    # The time one multi-step call may take, in seconds (0 = no limit: always
+    # ``steps_per_call`` steps). The engine times each batch's steps and makes
+    # K = budget / step time calls, at most ``steps_per_call`` and at least 1, so
+    # a small batch gets long calls and a batch of 1000 rows (37 ms a step on a
+    # 2-core CPU) goes back to one step per call instead of 300 ms bursts.
+    call_budget: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent", "max_batch_size"):
@@ -90,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+        if not 0.0 <= self.call_budget <= 10.0:
+            raise ValueError(f"call_budget must be in [0, 10] seconds, got {self.call_budget}")
         if self.prefill_threshold < 0:
             raise ValueError(f"prefill_threshold must be >= 0, got {self.prefill_threshold}")
         if not 0.0 <= self.wake_interval <= 1.0:
@@ -269,8 +277,14 @@ class _Batch:
     tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
     want_logprobs: bool = False
     prefilling: int = 0  # rows of this batch at the prefill worker
+    step_seconds: float = 0.0  # moving average of one decode step's time at about this size (0: none yet)
 
     ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
+
+
+def _moving_average(average: float, sample: float) -> float:
+    """Exponential moving average over about the last 8 samples (the first sample starts it)."""
+    return sample if average <= 0.0 else average + (sample - average) / 8.0
 
 
 def _error_summary(exc: BaseException) -> str:
@@ -560,7 +574,7 @@ class Engine:
             batch.params_t = tuple(tf.constant(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.seed))
             batch.want_logprobs = any(r.stream.params.include_tokens for r in batch.rows)
         tokens_t = batch.tokens_t if batch.tokens_t is not None else tf.constant(batch.tokens)
-        k = self.config.steps_per_call
+        k = self._steps_this_call(batch)
         if k > 1 and not self._waiting:
             self._step_many(batch, tokens_t, k, started)
             return
@@ -573,6 +587,7 @@ class Engine:
         self.steps += 1
         self.calls += 1
         self.decode_seconds += elapsed
+        batch.step_seconds = _moving_average(batch.step_seconds, elapsed)
         size = len(batch.rows)
         if self.metrics is not None:
             mm = self._mm(model.name)
@@ -591,6 +606,15 @@ class Engine:
             generating = None
             batch.tokens_t = ids_t
         self._deliver(batch, ids, logprobs, generating)
+
+    def _steps_this_call(self, batch: _Batch) -> int:
+        """K for the next call: ``steps_per_call``, cut to what fits in ``call_budget``."""
+        k = self.config.steps_per_call
+        if k == 1 or self.config.call_budget <= 0.0:
+            return k
+        if batch.step_seconds <= 0.0:
+            return 1  # time one step first
+        return max(1, min(k, int(self.config.call_budget / batch.step_seconds)))
 
     def _step_many(self, batch: _Batch, tokens_t: Any, k: int, started: float) -> None:
         """``k`` decode steps in one call; rows reading their prompt are fed it in the graph.
@@ -622,6 +646,7 @@ class Engine:
         self.steps += k
         self.calls += 1
         self.decode_seconds += elapsed
+        batch.step_seconds = _moving_average(batch.step_seconds, elapsed / k)
         if self.metrics is not None:
             mm = self._mm(model.name)
             for _ in range(k):

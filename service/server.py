@@ -85,6 +85,7 @@ class Server:
                 max_queue=config.max_queue,
                 max_batch_size=config.max_batch_size,
                 steps_per_call=config.steps_per_call,
+                call_budget=config.call_budget_ms / 1000.0,
             ),
             self.metrics,
         )

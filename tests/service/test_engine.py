@@ -417,8 +417,11 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
         ("x", SamplingParams(max_tokens=3, temperature=1.3, seed=13, include_tokens=True)),
     ]
 
-    def run(steps_per_call: int) -> tuple[list[tuple[str, list[int], list[float], str | None, int]], Engine]:
-        engine = Engine(EngineConfig(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call), metrics)
+    def run(
+        steps_per_call: int, call_budget: float = 0.0
+    ) -> tuple[list[tuple[str, list[int], list[float], str | None, int]], Engine]:
+        config = EngineConfig(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call, call_budget=call_budget)
+        engine = Engine(config, metrics)
         engine.start()
         try:
 
@@ -446,6 +449,15 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
     # The same steps, in far fewer calls (prompts ride in one-step calls first).
     assert many_engine.steps >= 45
     assert many_engine.calls < one_engine.calls / 2
+    # A call budget below any step's time keeps K at 1; one far above every step's time lets
+    # K reach steps_per_call after the first (timed) call. The streams never change.
+    for budget, calls_like in ((1e-9, one_engine), (10.0, many_engine)):
+        budgeted, engine = run(8, budget)
+        assert [o[:2] + o[3:] for o in budgeted] == [o[:2] + o[3:] for o in one]
+        if calls_like is one_engine:
+            assert engine.calls == engine.steps
+        else:
+            assert engine.calls < one_engine.calls / 2 and engine.steps > engine.calls
 
 
 def _itl_share_below_half_the_mean(metrics: ServingMetrics) -> tuple[float, float]:
