@@ -42,7 +42,11 @@ _VERSION_RE = re.compile(r"^[0-9]+$")
 
 
 class ServingModule(tf.Module):
-    """The ``prefill`` and ``step`` functions over a trained Keras model's layers."""
+    """The ``prefill`` and ``step`` functions over a trained Keras model's layers.
+
+    ``step`` gathers the first layer's input projection from a table built here
+    when it fits (``fused_step.py``); ``folded`` says whether it did.
+    """
 
     def __init__(self, model: keras.Model, config: ModelConfig) -> None:
         super().__init__(name="textgen_lm")
