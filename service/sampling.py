@@ -75,9 +75,17 @@ def row_uniform(seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
     key = _mix32(tf.bitwise.bitwise_xor(lo, _GOLDEN))
     key = _mix32(tf.bitwise.bitwise_xor(key, _mix32(hi + 0x632BE5AB)))
     key = _mix32(tf.bitwise.bitwise_xor(key, _mix32(tf.bitwise.bitwise_and(pos * 2 + 1, _MASK32))))
-    # 24 bits -> a float32 strictly inside (0, 1).
-    top24 = tf.cast(tf.bitwise.right_shift(key, 8), tf.float32)
-    return (top24 + 0.5) / float(1 << 24)
+    return unit_float(key)
+
+
+def unit_float(bits: tf.Tensor) -> tf.Tensor:
+    """int64 values in [0, 2**32) -> float32 strictly inside (0, 1), from their top 23 bits.
+
+    ``(n + 0.5) / 2**23`` is exact in float32 for ``n < 2**23``; with 24 bits the
+    largest value would round up to 1.0.
+    """
+    top23 = tf.cast(tf.bitwise.right_shift(bits, 9), tf.float32)
+    return (top23 + 0.5) / float(1 << 23)
 
 
 def _truncation_mask(scaled: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.Tensor:
@@ -132,6 +140,8 @@ def sample(
     """
     logits = tf.cast(logits, tf.float32)  # (b, v)
     vocab = tf.shape(logits)[1]
+    # A NaN logit (a broken model) counts as impossible, in both branches below alike.
+    logits = tf.where(tf.math.is_nan(logits), float("-inf"), logits)
     # Padding is never a real next token.
     pad_mask = tf.one_hot(PADDING_ID, vocab, on_value=float("-inf"), off_value=0.0)  # (v,)
     logits = logits + pad_mask[None, :]

@@ -261,6 +261,22 @@ def test_loaded_models_are_frozen_out_of_the_collectors_full_passes(tmp_path, go
     assert [ref() for ref in refs] == [None, None, None]
 
 
+def test_a_version_still_referenced_at_its_unload_is_freed_once_let_go(tmp_path, good_version):
+    """A request handler may hold an unloaded version past the poll that unloads it; later polls free it."""
+    place(good_version, tmp_path, "tiny", 1)
+    repo = ModelRepository(str(tmp_path))
+    repo.load_all()
+    handler_holds = repo.resolve("", 0)
+    saved = weakref.ref(handler_holds.saved)
+    shutil.rmtree(tmp_path / "tiny" / "1")
+    repo.poll()  # unloads, collects and freezes while the handler still holds the version
+    assert repo.loaded() == [] and saved() is not None
+    del handler_holds
+    gc.collect()  # an ordinary full collection does not look into frozen objects
+    repo.poll()  # nothing changed on disk; the unloaded version is collected again
+    assert saved() is None
+
+
 def test_empty_start_then_polling_finds_models(tmp_path, good_version):
     seen = []
     repo = ModelRepository(str(tmp_path), poll_seconds=0.1, on_change=lambda: seen.append(repo.has_model()))

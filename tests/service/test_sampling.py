@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from service.sampling import SAMPLER_SIGNATURE, StoppingCriteria, StopSequenceMatcher, row_uniform, sample
+from service.sampling import SAMPLER_SIGNATURE, StoppingCriteria, StopSequenceMatcher, row_uniform, sample, unit_float
 
 VOCAB = 50
 
@@ -141,6 +141,23 @@ def test_different_seeds_and_positions_differ():
     # consecutive positions of one seed are uncorrelated
     walk = row_uniform(tf.fill([20_000], tf.constant(7, tf.int64)), tf.range(20_000, dtype=tf.int64)).numpy()
     assert abs(np.corrcoef(walk[:-1], walk[1:])[0, 1]) < 0.03
+
+
+def test_unit_floats_never_reach_0_or_1():
+    extremes = unit_float(tf.constant([0, 511, 512, 2**31, 2**32 - 1], tf.int64)).numpy()
+    assert extremes.dtype == np.float32
+    assert (extremes > 0.0).all() and (extremes < 1.0).all()
+    assert extremes[0] == extremes[1] < extremes[2] < extremes[3] < extremes[4]
+
+
+def test_a_row_with_a_nan_logit_draws_the_same_beside_truncating_rows(sampler):
+    broken = _random_logits(1, seed=8)
+    broken[0, 7] = np.nan
+    others = _random_logits(3, seed=9)
+    for p in range(10):
+        alone, _ = _run(sampler, broken, seed=77, position=p)
+        mixed, _ = _run(sampler, np.concatenate([broken, others]), top_k=[0, 3, 0, 5], seed=[77, 1, 2, 3], position=p)
+        assert alone[0] == mixed[0] and alone[0] != 7
 
 
 def test_unseeded_style_draws_differ(sampler):
