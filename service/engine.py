@@ -277,9 +277,26 @@ class _Batch:
     tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
     want_logprobs: bool = False
     prefilling: int = 0  # rows of this batch at the prefill worker
-    step_seconds: float = 0.0  # moving average of one decode step's time at about this size (0: none yet)
+    step_seconds: float = 0.0  # moving average of one decode step's time (0: none yet)
+    step_rows: int = 0  # the batch size when step_seconds was last updated
 
     ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
+
+    def record_step_time(self, seconds: float) -> None:
+        """Fold one decode step's time into the moving average; a new batch size starts it afresh."""
+        rows = len(self.rows)
+        similar = self.step_rows > 0 and 0.8 <= rows / self.step_rows <= 1.25
+        self.step_seconds = _moving_average(self.step_seconds, seconds) if similar else seconds
+        self.step_rows = rows
+
+    def step_time_estimate(self) -> float:
+        """The next step's time: the average, scaled up in proportion to rows that joined since.
+
+        A step's cost grows less than linearly with its rows, so the scaled figure errs long and
+        the call short of its budget. A batch that shrank keeps its larger figure until the next
+        step is timed.
+        """
+        return self.step_seconds * max(1.0, len(self.rows) / max(self.step_rows, 1))
 
 
 def _moving_average(average: float, sample: float) -> float:
@@ -587,7 +604,7 @@ class Engine:
         self.steps += 1
         self.calls += 1
         self.decode_seconds += elapsed
-        batch.step_seconds = _moving_average(batch.step_seconds, elapsed)
+        batch.record_step_time(elapsed)
         size = len(batch.rows)
         if self.metrics is not None:
             mm = self._mm(model.name)
@@ -614,7 +631,7 @@ class Engine:
             return k
         if batch.step_seconds <= 0.0:
             return 1  # time one step first
-        return max(1, min(k, int(self.config.call_budget / batch.step_seconds)))
+        return max(1, min(k, int(self.config.call_budget / batch.step_time_estimate())))
 
     def _step_many(self, batch: _Batch, tokens_t: Any, k: int, started: float) -> None:
         """``k`` decode steps in one call; rows reading their prompt are fed it in the graph.
@@ -646,7 +663,7 @@ class Engine:
         self.steps += k
         self.calls += 1
         self.decode_seconds += elapsed
-        batch.step_seconds = _moving_average(batch.step_seconds, elapsed / k)
+        batch.record_step_time(elapsed / k)
         if self.metrics is not None:
             mm = self._mm(model.name)
             for _ in range(k):

@@ -548,3 +548,28 @@ def test_prompts_ride_inside_multi_step_calls_with_the_same_streams_as_one_step(
     assert [len(i) for _, i, _, _ in one][:2] == [30, 12] and one[2][3] == "stop"
     # The long prompt was read in 8-step calls too: nearly every call made 8 steps.
     assert many_engine.calls <= many_engine.steps / 6
+
+
+def test_the_call_budget_follows_the_batch_size():
+    """A batch that grows is not given K from its small-batch step time; a new size restarts the average."""
+    from service.engine import _Batch
+
+    engine = Engine(EngineConfig(max_concurrent=1024, max_queue=1024, steps_per_call=8, call_budget=0.025))
+    batch = _Batch(model=None)  # type: ignore[arg-type]  # only the rows' count and the timings matter here
+    batch.rows = [None] * 64  # type: ignore[list-item]
+    assert engine._steps_this_call(batch) == 1  # no step timed yet
+    for _ in range(5):
+        batch.record_step_time(0.003)
+    assert engine._steps_this_call(batch) == 8  # 25 ms / 3 ms
+    batch.rows = [None] * 1000  # type: ignore[list-item]  # 936 rows joined before the next call
+    assert batch.step_time_estimate() >= 0.003 * 1000 / 64
+    assert engine._steps_this_call(batch) == 1
+    batch.record_step_time(0.037)  # the first step at the new size replaces the average
+    assert batch.step_seconds == 0.037 and engine._steps_this_call(batch) == 1
+    batch.rows = [None] * 1100  # type: ignore[list-item]  # a similar size blends in
+    batch.record_step_time(0.040)
+    assert 0.037 < batch.step_seconds < 0.040
+    batch.rows = [None] * 64  # type: ignore[list-item]
+    assert engine._steps_this_call(batch) == 1  # shrunk: the larger figure holds until a step is timed
+    batch.record_step_time(0.003)
+    assert engine._steps_this_call(batch) == 8
