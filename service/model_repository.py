@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ class ContractError(ValueError):
 
 
 _configured = threading.Lock()
+# Collections that may try to free an unloaded version before it is reported as leaked.
+_UNLOAD_COLLECTIONS = 10
 _devices_done: list[str] = []
 
 
@@ -381,8 +384,10 @@ class ModelRepository:
         self._failed: dict[tuple[str, int], tuple] = {}  # (name, version) -> folder fingerprint when it failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._collect = False
         self._scan_error = ""
+        # Unloaded versions whose memory has not been seen to go yet: their loaded SavedModel, and
+        # how many collections have not freed it (a poll collects while this list is not empty).
+        self._unloaded: list[tuple[str, weakref.ref, int]] = []
 
     # ------------------------------------------------------------ queries
     def loaded(self) -> list[LoadedModel]:
@@ -445,16 +450,39 @@ class ModelRepository:
                 self.on_change()
             except Exception:
                 log.exception("the repository's on_change callback failed")
-        if changed or self._collect:
-            # An unloaded version's memory goes with its reference cycles (TF's function graphs),
-            # so collect. Then freeze: the loaded models' hundreds of thousands of Python objects
-            # live as long as the models, yet every full collection would walk them all (0.2 s
-            # with the GIL held, measured with the benchmark model: a stall of every stream).
-            self._collect = False
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+        with self._lock:
+            unloaded = list(self._unloaded)
+        if changed or unloaded:
+            self._collect_and_freeze(unloaded)
         return changed
+
+    def _collect_and_freeze(self, unloaded: list[tuple[str, weakref.ref, int]]) -> None:
+        """Free what unloaded versions left, then freeze what the loaded ones hold.
+
+        An unloaded version's memory goes with its reference cycles (TF's function graphs), so
+        collect. Then freeze: the loaded models' hundreds of thousands of Python objects live as
+        long as the models, yet every full collection would walk them all (0.2 s with the GIL
+        held, measured with the benchmark model: a stall of every stream). A version still
+        referenced when its unload is collected (a request handler finishing) would have its
+        cycles frozen with the rest, so the next polls thaw and collect again until it is gone,
+        at most ``_UNLOAD_COLLECTIONS`` times.
+        """
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        alive: list[tuple[str, weakref.ref, int]] = []
+        for what, ref, tries in unloaded:
+            if ref() is None:
+                continue
+            if tries + 1 >= _UNLOAD_COLLECTIONS:
+                log.warning("%s is still referenced after %d collections; its memory stays", what, tries + 1)
+                continue
+            alive.append((what, ref, tries + 1))
+        with self._lock:
+            # _unload may have added versions meanwhile (the engine thread); keep those.
+            seen = {id(ref) for _, ref, _ in unloaded}
+            fresh = [entry for entry in self._unloaded if id(entry[1]) not in seen]
+            self._unloaded = alive + fresh
 
     def _scan(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -553,7 +581,9 @@ class ModelRepository:
         # The repository drops its reference; the engine dropped its batch when
         # the last stream ended. The memory goes when the last reference does
         # (the poll thread runs the cycle collector for TF's function graphs).
-        self._collect = True
+        with self._lock:
+            held = model.saved if model.saved is not None else model  # the SavedModel holds the graphs
+            self._unloaded.append((f"model {model.name} version {model.version}", weakref.ref(held), 0))
         log.info("unloaded model %s version %d", model.name, model.version)
 
     # ------------------------------------------------------------ polling
