@@ -283,10 +283,12 @@ class _Batch:
     ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
 
     def record_step_time(self, seconds: float) -> None:
-        """Fold one decode step's time into the moving average; a new batch size starts it afresh."""
+        """Fold one step's time into the moving average (~the last 8 steps); a new batch size restarts it."""
         rows = len(self.rows)
-        similar = self.step_rows > 0 and 0.8 <= rows / self.step_rows <= 1.25
-        self.step_seconds = _moving_average(self.step_seconds, seconds) if similar else seconds
+        if self.step_rows > 0 and 0.8 <= rows / self.step_rows <= 1.25:
+            self.step_seconds += (seconds - self.step_seconds) / 8.0
+        else:
+            self.step_seconds = seconds
         self.step_rows = rows
 
     def step_time_estimate(self) -> float:
@@ -297,11 +299,6 @@ class _Batch:
         step is timed.
         """
         return self.step_seconds * max(1.0, len(self.rows) / max(self.step_rows, 1))
-
-
-def _moving_average(average: float, sample: float) -> float:
-    """Exponential moving average over about the last 8 samples (the first sample starts it)."""
-    return sample if average <= 0.0 else average + (sample - average) / 8.0
 
 
 def _error_summary(exc: BaseException) -> str:

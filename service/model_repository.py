@@ -451,13 +451,14 @@ class ModelRepository:
             except Exception:
                 log.exception("the repository's on_change callback failed")
         with self._lock:
-            unloaded = list(self._unloaded)
+            unloaded, self._unloaded = self._unloaded, []
         if changed or unloaded:
             self._collect_and_freeze(unloaded)
         return changed
 
     def _collect_and_freeze(self, unloaded: list[tuple[str, weakref.ref, int]]) -> None:
-        """Free what unloaded versions left, then freeze what the loaded ones hold.
+        """Free what unloaded versions left, then freeze what the loaded ones hold; ``unloaded``
+        (taken off ``_unloaded``) goes back there while a version is still alive.
 
         An unloaded version's memory goes with its reference cycles (TF's function graphs), so
         collect. Then freeze: the loaded models' hundreds of thousands of Python objects live as
@@ -479,10 +480,7 @@ class ModelRepository:
                 continue
             alive.append((what, ref, tries + 1))
         with self._lock:
-            # _unload may have added versions meanwhile (the engine thread); keep those.
-            seen = {id(ref) for _, ref, _ in unloaded}
-            fresh = [entry for entry in self._unloaded if id(entry[1]) not in seen]
-            self._unloaded = alive + fresh
+            self._unloaded.extend(alive)  # after any the engine thread's _unload added meanwhile
 
     def _scan(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

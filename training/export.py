@@ -59,8 +59,12 @@ class ServingModule(tf.Module):
         table = input_projection_table(
             np.asarray(self._embedding.embeddings, np.float32), self._rnns[0].cell, config.cell
         )
-        self.folded = table is not None
         self._input_table = None if table is None else tf.Variable(table, trainable=False, name="input_table")
+
+    @property
+    def folded(self) -> bool:
+        """Whether ``step`` gathers the first layer's input projection from a table."""
+        return self._input_table is not None
 
     @tf.function(
         input_signature=[

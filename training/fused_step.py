@@ -47,8 +47,7 @@ def input_projection_table(embeddings: np.ndarray, cell: Any, cell_kind: str) ->
     width = kernel.shape[1]
     if table_bytes(embeddings.shape[0], width) > MAX_TABLE_BYTES:
         return None
-    table = np.asarray(embeddings, np.float32) @ kernel + _input_bias(cell, cell_kind, width)
-    return table.astype(np.float32)
+    return np.asarray(embeddings, np.float32) @ kernel + _input_bias(cell, cell_kind, width)
 
 
 def step_from_projection(cell: Any, cell_kind: str, x: tf.Tensor, states: list[tf.Tensor]) -> list[tf.Tensor]:
