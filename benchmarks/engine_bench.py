@@ -239,7 +239,7 @@ def _multi_step_runner(path: str, state_size: int, temperature: float, k: int, s
 
     ``sample_in_graph=False`` feeds back the argmax instead of running the sampler, to show what sampling costs.
     """
-    from service.sampling import sample
+    from training.sampler import sample
 
     loaded = tf.saved_model.load(path)
     spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)]

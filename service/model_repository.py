@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.metrics import ServingMetrics
-from service.sampling import SAMPLER_SIGNATURE, sample
+from training.sampler import SAMPLER_SIGNATURE, sample
 from training.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from service.sampling import SAMPLER_SIGNATURE, StoppingCriteria, StopSequenceMatcher, row_uniform, sample, unit_float
+from service.sampling import StoppingCriteria, StopSequenceMatcher
+from training.sampler import SAMPLER_SIGNATURE, row_uniform, sample, unit_float
 
 VOCAB = 50
 

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import TextGenClient
-from tests.security.faulty_model import FAULT, OOM, export_faulty
+from tests.reliability.faulty_model import FAULT, OOM, export_faulty
 from tests.service.conftest import RunningServer, make_config, wait_until
 
 
