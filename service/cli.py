@@ -2,7 +2,7 @@
 
 ``textgen train``     training.cli      (fit a model, export a version)
 ``textgen serve``     service.server    (the gRPC server)
-``textgen generate``  training.generate with ``--model DIR`` (local, no server),
+``textgen generate``  service.local with ``--model DIR`` (local, no server),
                       service.client with ``--target HOST:PORT`` (remote)
 ``textgen bench``     benchmarks.bench  (the performance harness)
 
@@ -36,7 +36,7 @@ def _module_for(command: str, rest: list[str]) -> str:
         # --target means a server (whose client also takes --model NAME); --model DIR alone means local.
         remote = any(a == "--target" or a.startswith("--target=") for a in rest)
         local = not remote and any(a == "--model" or a.startswith("--model=") for a in rest)
-        return "training.generate" if local else "service.client"
+        return "service.local" if local else "service.client"
     return COMMANDS[command]
 
 

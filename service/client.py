@@ -1,11 +1,13 @@
-"""Clients of the textgen gRPC API (sync and asyncio) and ``textgen generate --target HOST:PORT``.
+"""Clients of the textgen gRPC API (sync and asyncio), and the ``textgen generate`` command line.
 
     with TextGenClient("localhost:50051") as client:
         for response in client.generate("The ", max_tokens=100, temperature=0.8, seed=1):
             print(response.text, end="", flush=True)
 
-This module imports only grpc and the generated stubs (never TensorFlow), so the
-command line starts fast.
+``build_parser`` holds the one set of ``textgen generate`` flags and defaults; ``main`` runs them
+against a server (``--target HOST:PORT``) and ``service/local.py`` without one (``--model DIR``).
+This module imports only grpc, the generated stubs and the server's plain-Python config (never
+TensorFlow), so ``textgen generate --target`` starts fast.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any, TextIO
 import grpc
 
 from service.api import textgen_pb2, textgen_pb2_grpc
+from service.config import ServerConfig
 from service.tls import TLSConfigError, channel_credentials
+from training.tf_runtime import add_log_level_flag, set_log_levels
 
 FINISH_REASON_NAMES = {
     textgen_pb2.FINISH_REASON_UNSPECIFIED: "unspecified",
@@ -179,33 +183,115 @@ class AsyncTextGenClient:
         await self.close()
 
 
+# --------------------------------------------------------------------------- textgen generate
+# The command's one set of flags, for a server (--target) and for local generation (--model DIR,
+# service/local.py): the same sampling flags and defaults, the same request, the same printing.
+
+_UINT32_MAX = 2**32 - 1
+# Flags that only mean something for a server: their dest and their spelling.
+SERVER_ONLY_FLAGS = {
+    "model_version": "--model-version",
+    "timeout": "--timeout",
+    "tls": "--tls",
+    "tls_ca": "--tls-ca",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "token_file": "--token-file",
+}
+
+
+class FlagError(ValueError):
+    """A ``textgen generate`` flag with a value it cannot take; the message names the flag."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``textgen generate``, for a server (``--target``) and local generation (``--model DIR``) alike."""
     parser = argparse.ArgumentParser(
         prog="textgen generate",
-        description="Stream a generation from a textgen server to the terminal.",
+        description="Stream text from an exported version, through a server (--target HOST:PORT) or in this "
+        "process without one (--model DIR). The same version, prompt, seed and flags give the same text both "
+        "ways. Prints the prompt, the generated text and a newline; a summary line goes to stderr.",
     )
-    parser.add_argument("prompt", nargs="?", default="", help="seed text (default: empty)")
-    parser.add_argument("--target", required=True, help="the server, HOST:PORT")
-    parser.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0 = the server's default)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1.0")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass in (0, 1] (0 = off)")
-    parser.add_argument("--seed", type=int, default=None, help="same seed + prompt + params => same text")
-    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); not printed")
-    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
-    parser.add_argument("--model-version", type=int, default=0, help="model version (0 = newest)")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline for the whole request, in seconds")
+    parser.add_argument("prompt", nargs="?", default="", help="text to continue (default: empty)")
+    where = parser.add_argument_group("where the model runs")
+    where.add_argument("--target", default=None, metavar="HOST:PORT", help="a running server")
+    where.add_argument(
+        "--model",
+        default="",
+        metavar="NAME|DIR",
+        help="with --target: a model name (default: the server's default model); without --target: DIR, a "
+        "version folder or a model folder (its newest version), run in this process",
+    )
+    sampling = parser.add_argument_group("sampling (checked as the server checks a request)")
+    sampling.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="tokens to generate (default 0: the server's --default-max-tokens, "
+        f"{ServerConfig.default_max_tokens} unless it sets another)",
+    )
+    sampling.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in [0, 1] (default 1; 0 or 1 = off)")
+    sampling.add_argument("--seed", type=int, default=None, help="same seed, prompt and flags: same text")
+    sampling.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); not printed")
     parser.add_argument("--quiet", action="store_true", help="print no summary line on stderr")
-    parser.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA roots")
-    parser.add_argument(
+    add_log_level_flag(parser)
+    server = parser.add_argument_group("server only (--target)")
+    server.add_argument("--model-version", type=int, default=0, help="model version (0 = newest)")
+    server.add_argument("--timeout", type=float, default=None, help="deadline for the whole request, in seconds")
+    server.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA roots")
+    server.add_argument(
         "--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate (implies --tls)"
     )
-    parser.add_argument("--tls-cert", default=None, help="PEM client certificate for mTLS (with --tls-key)")
-    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    parser.add_argument(
+    server.add_argument("--tls-cert", default=None, help="PEM client certificate for mTLS (with --tls-key)")
+    server.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    server.add_argument(
         "--token-file", default=None, help="file holding the bearer token (default: the TEXTGEN_TOKEN variable)"
     )
     return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed flags, or the exit code when argparse has answered itself (``--help``: 0, a bad flag: 2)."""
+    try:
+        return build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+
+
+def request_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``build_request``'s keyword arguments from the flags; ``FlagError`` for a value the request cannot hold.
+
+    The sampling values are checked by whoever runs the request, as ``validate_request`` does
+    (the server for ``--target``, ``service/local.py`` for ``--model DIR``).
+    """
+    for dest, flag in (("max_tokens", "--max-tokens"), ("top_k", "--top-k"), ("model_version", "--model-version")):
+        value = getattr(args, dest)
+        if not 0 <= value <= _UINT32_MAX:
+            raise FlagError(f"{flag} must be in [0, {_UINT32_MAX}], got {value}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise FlagError(f"--seed must be in [0, 2**64), got {args.seed}")
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": list(args.stop),
+        "model": args.model if args.target is not None else "",
+        "model_version": args.model_version,
+    }
+
+
+def summary_line(
+    model: str, version: int, finish: str, prompt_tokens: int, completion_tokens: int, ttft: float, total: float
+) -> str:
+    """The line ``textgen generate`` writes to stderr after the text (unless ``--quiet``)."""
+    return (
+        f"[{model}/{version} finish={finish} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens} "
+        f"ttft={ttft:.3f}s total={total:.3f}s]"
+    )
 
 
 def _read_token(path: str | None) -> str | None:
@@ -223,38 +309,33 @@ def _read_token(path: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """``textgen generate --target HOST:PORT "prompt"``: text to stdout as it arrives, a summary to stderr."""
+    """``textgen generate --target HOST:PORT "prompt"``: the prompt, then the text as it arrives, to stdout."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("max_tokens", "top_k", "model_version"):
-        if getattr(args, name) < 0:
-            print(f"textgen generate: error: --{name.replace('_', '-')} must be >= 0", file=err)
-            return 2
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        print(f"textgen generate: error: --seed must be in [0, 2**64), got {args.seed}", file=err)
+    args = parse_args(argv)
+    if isinstance(args, int):
+        return args
+    set_log_levels(args.log_level)
+    if args.target is None:
+        print(
+            "textgen generate: error: --target HOST:PORT is required (or --model DIR to generate without a server)",
+            file=err,
+        )
         return 2
     try:
+        params = request_params(args)
         token = _read_token(args.token_file)
         use_tls = args.tls or bool(args.tls_ca or args.tls_cert or args.tls_key)
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
-    except TLSConfigError as exc:
+    except (FlagError, TLSConfigError) as exc:
         print(f"textgen generate: error: {exc}", file=err)
         return 2
     last: textgen_pb2.GenerateResponse | None = None
+    out.write(args.prompt)
+    out.flush()
     try:
         with TextGenClient(args.target, timeout=args.timeout, credentials=credentials, token=token) as client:
-            for response in client.generate(
-                args.prompt,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                stop=args.stop,
-                model=args.model,
-                model_version=args.model_version,
-            ):
+            for response in client.generate(args.prompt, **params):
                 out.write(response.text)
                 out.flush()
                 last = response
@@ -272,10 +353,17 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
     out.flush()
     if last is not None and not args.quiet:
         usage = last.usage
+        finish = FINISH_REASON_NAMES.get(last.finish_reason, "?")
         print(
-            f"[{last.model}/{last.model_version} finish={FINISH_REASON_NAMES.get(last.finish_reason, '?')} "
-            f"prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
-            f"ttft={usage.time_to_first_token_seconds:.3f}s total={usage.total_seconds:.3f}s]",
+            summary_line(
+                last.model,
+                last.model_version,
+                finish,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.time_to_first_token_seconds,
+                usage.total_seconds,
+            ),
             file=err,
         )
     return 0

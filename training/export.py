@@ -225,13 +225,23 @@ def load_exported(path: str) -> tuple[Any, Tokenizer, dict[str, Any]]:
 
 
 def smoke_generate(path: str, prompt: str = "The ", tokens: int = 8) -> str:
-    """Reload an export and greedily generate a few tokens through its signatures."""
+    """Reload an export and generate a few tokens greedily through its ``prefill`` and ``step`` signatures.
+
+    Each token comes from ``training/sampler.py``'s ``sample`` at temperature 0, the sampler the
+    server's decoder and ``textgen generate`` run (greedy: the likeliest token, never padding).
+    """
+    from training.sampler import sample
+
     loaded, tokenizer, _ = load_exported(path)
     ids = tokenizer.encode(prompt) or tokenizer.start_ids
-    out = loaded.signatures["prefill"](tokens=tf.constant([ids], tf.int32), lengths=tf.constant([len(ids)], tf.int32))
+    out = loaded.signatures[PREFILL.name](
+        tokens=tf.constant([ids], tf.int32), lengths=tf.constant([len(ids)], tf.int32)
+    )
+    # temperature 0 (greedy), top_k 0 and top_p 1 (off), seed 0: one row
+    greedy = (tf.zeros([1], tf.float32), tf.zeros([1], tf.int32), tf.ones([1], tf.float32), tf.zeros([1], tf.int64))
     generated: list[int] = []
-    for _ in range(tokens):
-        next_id = int(np.argmax(out["logits"].numpy()[0]))
-        generated.append(next_id)
-        out = loaded.signatures["step"](tokens=tf.constant([next_id], tf.int32), state=out["state"])
+    for position in range(tokens):
+        next_ids, _ = sample(out["logits"], *greedy, tf.constant([position], tf.int64))
+        generated.append(int(next_ids[0]))
+        out = loaded.signatures[STEP.name](tokens=next_ids, state=out["state"])
     return tokenizer.decode(generated, previous_id=ids[-1])

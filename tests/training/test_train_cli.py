@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from service.local import main as generate_main
 from training.cli import main as train_main
 from training.corpus import embedded_text, load_corpus
-from training.generate import main as generate_main
 
 TEXTGEN = str(Path(sys.executable).with_name("textgen"))
 TINY = ["--units", "16", "--embedding-dim", "8", "--seq-len", "16", "--batch-size", "8", "--sample-tokens", "5"]
@@ -149,7 +149,7 @@ def test_word_level_run_on_a_folder_exports_a_working_model(
     [
         (["--model", "nowhere", "hi"], "no such folder"),
         (["--model", ".", "hi"], "numbered versions"),
-        (["--model", ".", "--max-tokens", "0"], "--max-tokens"),
+        (["--model", ".", "--max-tokens", "-1"], "--max-tokens"),
         (["--model", ".", "--temperature", "-1"], "--temperature"),
         (["--model", ".", "--top-k", "-2"], "--top-k"),
     ],
