@@ -4,6 +4,7 @@
 ``textgen serve``     service.server    (the gRPC server)
 ``textgen generate``  service.local with ``--model DIR`` (local, no server),
                       service.client with ``--target HOST:PORT`` (remote)
+``textgen check``     training.check    (the contract check the server runs on load)
 ``textgen bench``     benchmarks.bench  (the performance harness)
 
 Each subcommand parses its own flags; imports happen only for the one chosen
@@ -15,11 +16,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-USAGE = """usage: textgen {train,serve,generate,bench} [flags]
+USAGE = """usage: textgen {train,serve,generate,check,bench} [flags]
 
   train      fit a character- or word-level LSTM and export the next version
   serve      serve exported versions over gRPC with continuous batching
   generate   stream text: --model DIR (local, no server) or --target HOST:PORT
+  check      check version folders against the SavedModel contract, as the server does on load
   bench      measure tokens/s and latency against baselines
 
 'textgen COMMAND --help' lists a command's flags."""
@@ -27,6 +29,7 @@ USAGE = """usage: textgen {train,serve,generate,bench} [flags]
 COMMANDS = {
     "train": "training.cli",
     "serve": "service.server",
+    "check": "training.check",
     "bench": "benchmarks.bench",
 }
 

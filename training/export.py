@@ -1,6 +1,6 @@
 """Export a trained model as one version of the SavedModel contract, atomically.
 
-The contract (docs/contract.md has the full text):
+The contract (docs/contract.md explains it; ``training/contract.py`` names its parts):
 
 ``<base>/<version>/`` holds a SavedModel with two signatures, batch ``None``:
 
@@ -21,7 +21,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -31,14 +30,21 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from training.check import input_specs
+from training.contract import (
+    ASSETS_DIR,
+    CONTRACT_VERSION,
+    MODEL_ASSET,
+    PREFILL,
+    STEP,
+    TOKENIZER_ASSET,
+    asset_path,
+    next_version,
+    read_json_asset,
+)
 from training.fused_step import input_projection_table, step_from_projection
 from training.model import ModelConfig, build_model, pack_state, rnn_layers, unpack_state
 from training.tokenizer import Tokenizer
-
-CONTRACT_VERSION = 1
-TOKENIZER_ASSET = "tokenizer.json"
-MODEL_ASSET = "model.json"
-_VERSION_RE = re.compile(r"^[0-9]+$")
 
 
 class ServingModule(tf.Module):
@@ -66,12 +72,7 @@ class ServingModule(tf.Module):
         """Whether ``step`` gathers the first layer's input projection from a table."""
         return self._input_table is not None
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], tf.int32, name="tokens"),
-            tf.TensorSpec([None], tf.int32, name="lengths"),
-        ]
-    )
+    @tf.function(input_signature=input_specs(PREFILL))
     def prefill(self, tokens: tf.Tensor, lengths: tf.Tensor) -> dict[str, tf.Tensor]:
         lengths = tf.clip_by_value(lengths, 1, tf.shape(tokens)[1])
         mask = tf.sequence_mask(lengths, maxlen=tf.shape(tokens)[1])  # (b, t)
@@ -87,12 +88,7 @@ class ServingModule(tf.Module):
         logits = tf.cast(self._dense(last), tf.float32)  # (b, vocab)
         return {"logits": logits, "state": pack_state(states)}
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None], tf.int32, name="tokens"),
-            tf.TensorSpec([None, None], tf.float32, name="state"),
-        ]
-    )
+    @tf.function(input_signature=input_specs(STEP))
     def step(self, tokens: tf.Tensor, state: tf.Tensor) -> dict[str, tf.Tensor]:
         layer_states = unpack_state(state, self.config)
         rnns = self._rnns
@@ -112,13 +108,6 @@ class ServingModule(tf.Module):
             new_states.extend(next_state if isinstance(next_state, (list, tuple)) else [next_state])
         logits = tf.cast(self._dense(x), tf.float32)  # (b, vocab)
         return {"logits": logits, "state": pack_state(new_states)}
-
-
-def list_versions(base_dir: str) -> list[int]:
-    """Numbered version folders in ``base_dir`` (hidden and temporary ones ignored)."""
-    if not os.path.isdir(base_dir):
-        return []
-    return sorted(int(n) for n in os.listdir(base_dir) if _VERSION_RE.match(n) and int(n) > 0)
 
 
 def export_version(
@@ -146,11 +135,10 @@ def export_version(
         tf.saved_model.save(
             module,
             tmp,
-            signatures={"prefill": module.prefill, "step": module.step},
+            signatures={PREFILL.name: module.prefill, STEP.name: module.step},
         )
-        assets = os.path.join(tmp, "assets")
-        os.makedirs(assets, exist_ok=True)
-        tokenizer.save(os.path.join(assets, TOKENIZER_ASSET))
+        os.makedirs(os.path.join(tmp, ASSETS_DIR), exist_ok=True)
+        tokenizer.save(asset_path(tmp, TOKENIZER_ASSET))
         info = {
             "contract_version": CONTRACT_VERSION,
             "architecture": config.to_dict(),
@@ -160,7 +148,7 @@ def export_version(
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **metadata,
         }
-        with open(os.path.join(assets, MODEL_ASSET), "w", encoding="utf-8") as f:
+        with open(asset_path(tmp, MODEL_ASSET), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1, sort_keys=True)
         _fsync_tree(tmp)
         if before_rename is not None:
@@ -203,8 +191,7 @@ def _rename_to_next_version(tmp: str, base_dir: str) -> str:
     # Another exporter may take a number between our listing and our rename:
     # rename onto an existing non-empty folder fails, so try the next number.
     for _ in range(100):
-        existing = list_versions(base_dir)
-        final = os.path.join(base_dir, str((existing[-1] if existing else 0) + 1))
+        final = os.path.join(base_dir, str(next_version(base_dir)))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -218,10 +205,8 @@ def _rename_to_next_version(tmp: str, base_dir: str) -> str:
 def load_exported(path: str) -> tuple[Any, Tokenizer, dict[str, Any]]:
     """Load a version folder: the SavedModel, its tokenizer and its model.json."""
     loaded = tf.saved_model.load(path)
-    tokenizer = Tokenizer.load(os.path.join(path, "assets", TOKENIZER_ASSET))
-    with open(os.path.join(path, "assets", MODEL_ASSET), encoding="utf-8") as f:
-        info = json.load(f)
-    return loaded, tokenizer, info
+    tokenizer = Tokenizer.load(asset_path(path, TOKENIZER_ASSET))
+    return loaded, tokenizer, read_json_asset(path, MODEL_ASSET)
 
 
 def smoke_generate(path: str, prompt: str = "The ", tokens: int = 8) -> str:

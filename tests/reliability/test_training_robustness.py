@@ -101,7 +101,8 @@ def _tiny_model() -> tuple:
 
 
 def test_export_failing_just_before_the_rename_leaves_no_version(tmp_path: Path) -> None:
-    from training.export import export_version, list_versions
+    from training.contract import list_versions
+    from training.export import export_version
 
     model, config, tokenizer = _tiny_model()
     base = tmp_path / "models" / "m"
@@ -118,7 +119,8 @@ def test_export_failing_just_before_the_rename_leaves_no_version(tmp_path: Path)
 
 
 def test_export_onto_a_full_disk_leaves_no_version_and_no_temporary_folder(tmpfs: Path) -> None:
-    from training.export import export_version, list_versions
+    from training.contract import list_versions
+    from training.export import export_version
 
     model, config, tokenizer = _tiny_model()
     base = tmpfs / "m"

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.export import export_version, list_versions, load_exported
+from training.contract import CONTRACT_VERSION, list_versions
+from training.export import export_version, load_exported
 from training.model import ModelConfig, build_model
 from training.tokenizer import Tokenizer
 
@@ -180,7 +181,7 @@ def test_a_failure_mid_export_leaves_no_version_behind(tmp_path: Path) -> None:
     os.makedirs(base / "notes")
     assert list_versions(str(base)) == [1, 2]
     info = json.loads((base / "2" / "assets" / "model.json").read_text())
-    assert info["contract_version"] == 1
+    assert info["contract_version"] == CONTRACT_VERSION
 
 
 def test_export_refuses_a_tokenizer_that_does_not_match_the_model(tmp_path: Path) -> None:
