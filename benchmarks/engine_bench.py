@@ -4,9 +4,11 @@ Everything here runs in the harness's own process on one exported model:
 
 * ``export_bench_model`` builds an untrained char model (speed does not depend
   on the weights) and exports it under the SavedModel contract;
-* ``measure_batched`` times the serving decode step (the model repository's
-  ``step`` + in-graph sampler, sampled ids fetched to the host every step, as
-  the engine does) at several batch sizes;
+* ``measure_batched`` times the server's own decode step (``Decoder.decode``
+  from ``service/decoder.py``: ``step`` + in-graph sampler, sampled ids fetched
+  to the host every step, as the engine does) at several batch sizes;
+* ``measure_variants`` times ``step`` + argmax (no sampler) against the
+  server's ``Decoder.decode`` and ``Decoder.decode_steps`` (K steps per call);
 * ``measure_seed_loop`` times the seed tutorials' loop: ``model.predict`` on
   the whole window for every token;
 * ``measure_onestep`` times the TF tutorial's OneStep: one stateful step call
@@ -23,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -33,6 +35,9 @@ from benchmarks.prompts import bench_corpus
 from training.export import export_version
 from training.model import ModelConfig, build_model
 from training.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from service.decoder import Decoder
 
 BENCH_MODEL_NAME = "bench"
 SEED_WINDOW = 40  # the seed tutorials' maxlen
@@ -137,44 +142,59 @@ def _stand_in_runner(path: str, state_size: int, temperature: float) -> StepRunn
     return runner
 
 
-def _serving_runner(path: str, temperature: float) -> StepRunner:
-    """The serving decode function: ``LoadedModel.decode`` from the model repository (step + in-graph sampler)."""
-    from service.model_repository import load_model
+def _decoder_runner(decoder: Decoder, temperature: float, k: int) -> StepRunner:
+    """The server's decode call for a whole batch: ``decode`` (k = 1) or ``decode_steps`` with K = k.
 
-    model = load_model(BENCH_MODEL_NAME, 1, path)
+    As the engine calls them: every row generating (none forced), the ids of all k steps fetched
+    to the host per call and the last ones fed back.
+    """
 
     def runner(batch: int) -> Callable[[], None]:
         tokens = tf.constant(np.full([batch], 2, np.int32))
-        state = tf.zeros([batch, model.state_size], tf.float32)
-        temp = tf.fill([batch], np.float32(temperature))
-        top_k = tf.zeros([batch], tf.int32)
-        top_p = tf.ones([batch], tf.float32)
-        seed = tf.range(1, batch + 1, dtype=tf.int64)
+        state = tf.zeros([batch, decoder.state_size], tf.float32)
+        params = (
+            tf.fill([batch], np.float32(temperature)),
+            tf.zeros([batch], tf.int32),  # top_k off
+            tf.ones([batch], tf.float32),  # top_p off
+            tf.range(1, batch + 1, dtype=tf.int64),  # seeds
+        )
+        steps, forced, left = tf.constant(k, tf.int32), tf.zeros([batch, k], tf.int32), tf.zeros([batch], tf.int32)
         position = 0
 
         def one() -> None:
             nonlocal tokens, state, position
             pos = tf.fill([batch], np.int64(position))
-            ids, _logprobs, state = model.decode(tokens, state, temp, top_k, top_p, seed, pos)
-            tokens = tf.constant(ids.numpy())
-            position += 1
+            if k == 1:
+                ids, _logprobs, state = decoder.decode(tokens, state, *params, pos)
+                tokens = tf.constant(ids.numpy())
+            else:
+                ids, _logprobs, state = decoder.decode_steps(tokens, state, *params, pos, steps, forced, left)
+                tokens = tf.constant(ids.numpy()[-1])
+            position += k
 
         return one
 
     return runner
 
 
+def load_decoder(path: str) -> Decoder:
+    """The server's ``Decoder`` for a version folder (the same contract check the server runs first)."""
+    from service.decoder import Decoder
+
+    return Decoder.load(path)
+
+
 def engine_runner(path: str, state_size: int, temperature: float) -> tuple[StepRunner, str]:
     """The decode step the serving engine runs, and a name saying which one was measured.
 
-    That is the model repository's ``LoadedModel.decode``; without it (the
-    service package missing or changed) the OneStep stand-in is measured and
-    the name says so.
+    That is ``Decoder.decode`` from ``service/decoder.py`` (``LoadedModel.decoder.decode`` in the
+    engine); without it (the service package missing or changed) the OneStep stand-in is measured
+    and the name says so.
     """
     try:
-        runner = _serving_runner(path, temperature)
+        runner = _decoder_runner(load_decoder(path), temperature, 1)
         runner(1)()  # one real call proves the signature matches
-        return runner, "service.model_repository LoadedModel.decode (step + in-graph sampler)"
+        return runner, "service.decoder: LoadedModel.decoder.decode (step + in-graph sampler)"
     except (ImportError, AttributeError, TypeError) as e:
         return _stand_in_runner(path, state_size, temperature), f"stand-in: step + tf.random.categorical ({e})"
 
@@ -234,46 +254,23 @@ def measure_batched(bench: BenchModel, config: EngineBenchConfig) -> dict[str, A
     return {"decode_fn": kind, "rows": rows}
 
 
-def _multi_step_runner(path: str, state_size: int, temperature: float, k: int, sample_in_graph: bool) -> StepRunner:
-    """``k`` decode steps per call in one ``tf.while_loop`` (k = 1: one step); the ids of all k fetched per call.
-
-    ``sample_in_graph=False`` feeds back the argmax instead of running the sampler, to show what sampling costs.
-    """
-    from training.sampler import sample
-
+def _argmax_runner(path: str, state_size: int) -> StepRunner:
+    """``step`` + argmax in one ``tf.function``, no sampler: what sampling in the graph costs, by difference."""
     loaded = tf.saved_model.load(path)
-    spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
-    spec += [tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)]
 
-    @tf.function(input_signature=spec)
-    def decode_k(tokens, state, temperature, seed, position):  # type: ignore[no-untyped-def]
-        batch = tf.shape(tokens)[0]
-        top_k, top_p = tf.zeros([batch], tf.int32), tf.ones([batch], tf.float32)
-
-        def body(i, tokens, state, ids_ta):  # type: ignore[no-untyped-def]
-            out = loaded.signatures["step"](tokens=tokens, state=state)
-            if sample_in_graph:
-                ids, _ = sample(out["logits"], temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
-            else:
-                ids = tf.argmax(out["logits"], axis=-1, output_type=tf.int32)
-            return i + 1, ids, out["state"], ids_ta.write(i, ids)
-
-        ids_ta = tf.TensorArray(tf.int32, size=k)
-        _, _, state, ids_ta = tf.while_loop(lambda i, *_: i < k, body, [tf.constant(0), tokens, state, ids_ta])
-        return ids_ta.stack(), state  # (k, b), (b, S)
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)])
+    def decode(tokens: tf.Tensor, state: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        out = loaded.signatures["step"](tokens=tokens, state=state)
+        return tf.argmax(out["logits"], axis=-1, output_type=tf.int32), out["state"]
 
     def runner(batch: int) -> Callable[[], None]:
         tokens = tf.constant(np.full([batch], 2, np.int32))
         state = tf.zeros([batch, state_size], tf.float32)
-        temp = tf.fill([batch], np.float32(temperature))
-        seed = tf.range(1, batch + 1, dtype=tf.int64)
-        position = 0
 
         def one() -> None:
-            nonlocal tokens, state, position
-            ids, state = decode_k(tokens, state, temp, seed, tf.fill([batch], np.int64(position)))
-            tokens = tf.constant(ids.numpy()[-1])
-            position += k
+            nonlocal tokens, state
+            ids, state = decode(tokens, state)
+            tokens = tf.constant(ids.numpy())
 
         return one
 
@@ -281,12 +278,19 @@ def _multi_step_runner(path: str, state_size: int, temperature: float, k: int, s
 
 
 def measure_variants(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
-    """Tokens/s of decode variants at a few batch sizes: no sampler, and K steps per call (``tf.while_loop``)."""
+    """Tokens/s of decode variants at a few batch sizes: no sampler, and the server's K steps per call.
+
+    The sampled variants are the server's own ``Decoder.decode`` (K = 1) and ``Decoder.decode_steps``.
+    """
+    decoder = load_decoder(bench.path)
     variants = [("step + argmax, 1 step per call", 1, False)]
     variants += [(f"step + sampler, {k} steps per call", k, True) for k in config.steps_per_call]
     keys, cases = [], []
     for name, k, sampled in variants:
-        runner = _multi_step_runner(bench.path, bench.state_size, config.temperature, k, sampled)
+        if sampled:
+            runner = _decoder_runner(decoder, config.temperature, k)
+        else:
+            runner = _argmax_runner(bench.path, bench.state_size)
         for batch in config.variant_batch_sizes:
             keys.append((name, k, sampled, batch))
             cases.append(_Case(runner(batch), batch * k, max(3, config.max_steps // k)))

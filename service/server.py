@@ -31,9 +31,10 @@ from service.allocator import set_mmap_threshold
 from service.api import textgen_pb2
 from service.auth import TokenAuthInterceptor, TokenFileError, TokenStore
 from service.config import ConfigError, ServerConfig, parse_config
+from service.decoder import configure_cpu_threads
 from service.engine import Engine, EngineConfig
 from service.metrics import ServingMetrics
-from service.model_repository import ModelRepository, configure_cpu_threads
+from service.model_repository import ModelRepository
 from service.servicer import UNRESOLVED_MODEL, TextGenerationServicer, add_to_server
 from service.tls import TLSConfigError, server_credentials
 

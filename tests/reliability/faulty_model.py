@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from training.contract import CONTRACT_VERSION
 from training.tokenizer import Tokenizer
 
 FAULT = "!"
@@ -86,5 +87,6 @@ def export_faulty(base: Path) -> Path:
     assets = path / "assets"
     os.makedirs(assets, exist_ok=True)
     tokenizer.save(str(assets / "tokenizer.json"))
-    (assets / "model.json").write_text(json.dumps({"fixture": "faulty", "state_size": STATE}), encoding="utf-8")
+    info = {"fixture": "faulty", "contract_version": CONTRACT_VERSION, "state_size": STATE}
+    (assets / "model.json").write_text(json.dumps(info), encoding="utf-8")
     return path

@@ -4,37 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import shutil
 import time
-import uuid
 import weakref
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
 
-from service.engine import Engine, EngineConfig
+from service.decoder import DECODE, DECODE_STEPS, PREFILL
+from service.engine import Engine
 from service.metrics import ServingMetrics
 from service.model_repository import ModelNotFoundError, ModelRepository, NoModelLoadedError
 from service.sampling import SamplingParams
+from tests.service.conftest import engine_config
+from tests.training.broken_versions import BREAKERS, place
+from training.check import main as check_main
 
 
 @pytest.fixture(scope="module")
 def good_version(tiny_model_repo) -> Path:
     return Path(tiny_model_repo) / "tiny" / "1"
-
-
-def place(src: Path, repo: Path, name: str, version: int | str) -> Path:
-    """Copy a version folder into place the way the exporter does: hidden temporary folder, then rename."""
-    base = repo / name
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp-{uuid.uuid4().hex}"
-    shutil.copytree(src, tmp)
-    final = base / str(version)
-    os.rename(tmp, final)
-    return final
 
 
 def failures(metrics: ServingMetrics, model: str) -> float:
@@ -75,58 +65,6 @@ def test_errors_name_what_is_loaded(tmp_path, good_version):
         repo.resolve("tiny", 1)
 
 
-def _truncate_pb(path: Path) -> None:
-    pb = path / "saved_model.pb"
-    pb.write_bytes(pb.read_bytes()[:200])
-
-
-def _drop_variables(path: Path) -> None:
-    shutil.rmtree(path / "variables")
-
-
-def _grow_vocab(path: Path) -> None:
-    tok = path / "assets" / "tokenizer.json"
-    data = json.loads(tok.read_text(encoding="utf-8"))
-    data["vocab"].append("an extra token")
-    tok.write_text(json.dumps(data), encoding="utf-8")
-
-
-def _empty(path: Path) -> None:
-    shutil.rmtree(path)
-    path.mkdir()
-
-
-def _unreadable_tokenizer(path: Path) -> None:
-    tok = path / "assets" / "tokenizer.json"
-    tok.unlink()
-    tok.mkdir()  # a folder where a file should be: unreadable even for root
-
-
-def _wrong_signatures(path: Path) -> None:
-    assets = path.parent / f".assets-{uuid.uuid4().hex}"
-    shutil.copytree(path / "assets", assets)
-    shutil.rmtree(path)
-    module = tf.Module()
-    module.step = tf.function(lambda x: {"logits": tf.zeros([1, 3]) + tf.cast(x[0], tf.float32)})  # type: ignore
-    module.prefill = tf.function(lambda x: {"logits": tf.zeros([1, 3]) + tf.cast(x[0], tf.float32)})  # type: ignore
-    step = module.step.get_concrete_function(tf.TensorSpec([None], tf.int32, name="x"))
-    prefill = module.prefill.get_concrete_function(tf.TensorSpec([None], tf.int32, name="x"))
-    tf.saved_model.save(module, str(path), signatures={"step": step, "prefill": prefill})
-    shutil.rmtree(path / "assets", ignore_errors=True)
-    shutil.copytree(assets, path / "assets")
-    shutil.rmtree(assets)
-
-
-BREAKERS = {
-    "truncated saved_model.pb": (_truncate_pb, ""),
-    "missing variables": (_drop_variables, ""),
-    "wrong signatures": (_wrong_signatures, "signature 'step' has inputs"),
-    "vocabulary mismatch": (_grow_vocab, "logits but its tokenizer has"),
-    "empty folder": (_empty, "saved_model.pb is missing"),
-    "unreadable file": (_unreadable_tokenizer, "not readable"),
-}
-
-
 @pytest.mark.parametrize("kind", sorted(BREAKERS))
 def test_a_bad_version_never_serves(kind, tmp_path, good_version, caplog):
     breaker, reason = BREAKERS[kind]
@@ -153,9 +91,34 @@ def test_a_bad_version_never_serves(kind, tmp_path, good_version, caplog):
     assert repo.resolve("tiny", 0).version == 1
 
 
+@pytest.mark.parametrize("kind", ["missing signature", "vocabulary mismatch", "missing model.json"])
+def test_the_server_refuses_a_bad_version_with_the_message_textgen_check_prints(
+    kind, tmp_path, good_version, caplog, capsys
+):
+    bad = place(good_version, tmp_path, "tiny", 1)
+    BREAKERS[kind][0](bad)
+    assert check_main([str(bad)]) == 2
+    command_says = capsys.readouterr().err.strip().split(": error: ", 1)[1]
+    with caplog.at_level("ERROR", logger="service.model_repository"):
+        ModelRepository(str(tmp_path)).load_all()
+    [logged] = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]
+    assert logged.split(" cannot be served: ", 1)[1] == command_says
+    assert BREAKERS[kind][1] in command_says
+
+
+def test_every_decode_function_is_warmed_at_every_batch_size_before_serving(tmp_path, good_version):
+    place(good_version, tmp_path, "tiny", 1)
+    repo = ModelRepository(str(tmp_path), warmup_batch_sizes=(3, 8))
+    repo.load_all()
+    warmed = repo.resolve("", 0).decoder.warmed
+    sizes = {name: sorted(b for n, b in warmed if n == name) for name in (DECODE, DECODE_STEPS, PREFILL)}
+    assert sizes[DECODE] == [1, 3, 8]  # 1 always: a lone request
+    assert sizes[DECODE_STEPS] == sizes[DECODE] and sizes[PREFILL] == sizes[DECODE]
+
+
 def test_bad_newest_at_start_serves_the_previous_good_one(tmp_path, good_version):
     place(good_version, tmp_path, "tiny", 1)
-    _empty(place(good_version, tmp_path, "tiny", 2))
+    BREAKERS["empty folder"][0](place(good_version, tmp_path, "tiny", 2))
     metrics = ServingMetrics()
     repo = ModelRepository(str(tmp_path), metrics=metrics)
     repo.load_all()
@@ -174,19 +137,19 @@ def test_new_version_takes_traffic_and_old_unloads_after_its_stream(tmp_path, go
     changes = []
     repo = ModelRepository(str(tmp_path), metrics=metrics, on_change=lambda: changes.append(1))
     repo.load_all()
-    engine = Engine(EngineConfig(), metrics)
+    engine = Engine(engine_config(), metrics)
     engine.start()
     try:
 
         async def run() -> list[str]:
             loop = asyncio.get_running_loop()
             old = repo.resolve("", 0)
-            stream = engine.submit(old, "The ", SamplingParams(max_tokens=100_000), loop)
+            stream = engine.submit(old, old.tokenizer.encode("The "), SamplingParams(max_tokens=100_000), loop)
             await stream.next_chunk()
             place(good_version, tmp_path, "tiny", 2)
             await asyncio.to_thread(repo.poll)
             new = repo.resolve("", 0)
-            assert new.version == 2 and stream.model is old
+            assert new.version == 2 and old.streams == 1 and new.streams == 0
             assert [m.version for m in repo.retiring()] == [1]  # still streaming
             assert loaded_gauge(metrics, "tiny", 1) is None and loaded_gauge(metrics, "tiny", 2) == 1.0
             with pytest.raises(ModelNotFoundError):
@@ -196,10 +159,10 @@ def test_new_version_takes_traffic_and_old_unloads_after_its_stream(tmp_path, go
             stream.cancel()
             while (await stream.next_chunk()).finish_reason is None:
                 pass
-            fresh = engine.submit(repo.resolve("", 0), "The ", SamplingParams(max_tokens=5), loop)
+            fresh = engine.submit(new, new.tokenizer.encode("The "), SamplingParams(max_tokens=5), loop)
             while (chunk := await fresh.next_chunk()).finish_reason is None:
                 pass
-            assert fresh.model.version == 2 and chunk.finish_reason == "length"
+            assert chunk.finish_reason == "length"
             return []
 
         asyncio.run(run())
@@ -252,8 +215,8 @@ def test_loaded_models_are_frozen_out_of_the_collectors_full_passes(tmp_path, go
     model = repo.resolve("", 0)
     assert gc.get_freeze_count() > 0
     tracked = {id(o) for o in gc.get_objects()}  # every generation but the permanent one
-    assert id(model) not in tracked and id(model.decode) not in tracked
-    refs = [weakref.ref(model), weakref.ref(model.saved), weakref.ref(model.decode)]
+    assert id(model) not in tracked and id(model.decoder) not in tracked
+    refs = [weakref.ref(model), weakref.ref(model.decoder.checked.saved), weakref.ref(model.decoder)]
     del model
     shutil.rmtree(tmp_path / "tiny" / "1")
     repo.poll()
@@ -268,14 +231,17 @@ def test_a_version_still_referenced_at_its_unload_is_freed_once_let_go(tmp_path,
     repo.load_all()
     handler_holds = repo.resolve("", 0)
     # The function graphs are what sit in reference cycles (the model object itself goes by refcount).
-    graphs = [weakref.ref(handler_holds.decode.graph), weakref.ref(handler_holds.saved.signatures["step"].graph)]
+    functions = handler_holds.decoder.functions
+    graphs = [weakref.ref(functions[name].graph) for name in (DECODE, DECODE_STEPS, PREFILL)]
+    graphs.append(weakref.ref(handler_holds.decoder.checked.step.graph))
+    del functions
     shutil.rmtree(tmp_path / "tiny" / "1")
     repo.poll()  # unloads, collects and freezes while the handler still holds the version
     assert repo.loaded() == [] and all(g() is not None for g in graphs)
     del handler_holds
     gc.collect()  # an ordinary full collection does not look into frozen objects
     repo.poll()  # nothing changed on disk; the unloaded version is collected again
-    assert [g() for g in graphs] == [None, None]
+    assert [g() for g in graphs] == [None] * 4
 
 
 def test_empty_start_then_polling_finds_models(tmp_path, good_version):
@@ -316,22 +282,23 @@ def test_two_models_generate_in_one_engine(tmp_path, good_version, tiny_word_mod
     metrics = ServingMetrics()
     repo = ModelRepository(str(tmp_path), metrics=metrics)
     repo.load_all()
-    engine = Engine(EngineConfig(), metrics)
+    engine = Engine(engine_config(), metrics)
     engine.start()
     try:
 
         async def run() -> list[tuple[str, int]]:
             loop = asyncio.get_running_loop()
-            streams = [
-                engine.submit(repo.resolve(name, 0), "The ", SamplingParams(max_tokens=20, seed=i), loop)
-                for i in range(4)
-                for name in ("chars", "words")
-            ]
+            streams = []
+            for i in range(4):
+                for name in ("chars", "words"):
+                    model = repo.resolve(name, 0)
+                    prompt = model.tokenizer.encode("The ")
+                    streams.append((name, engine.submit(model, prompt, SamplingParams(max_tokens=20, seed=i), loop)))
             out = []
-            for s in streams:
+            for name, s in streams:
                 while (chunk := await s.next_chunk()).finish_reason is None:
                     pass
-                out.append((s.model.name, chunk.completion_tokens))
+                out.append((name, chunk.completion_tokens))
             return out
 
         results = asyncio.run(run())

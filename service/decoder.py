@@ -1,0 +1,257 @@
+"""A checked version's decode functions: its ``step`` or ``prefill`` signature and the sampler in one graph.
+
+``Decoder`` turns a version that passed ``training.check.check_version`` into the three functions
+the engine runs, each one ``tf.function`` so logits never leave the device:
+
+* ``decode``: one step for every row, then the in-graph sampler (``training/sampler.py``);
+* ``decode_steps``: K of those in one ``tf.while_loop``, rows still reading their prompt fed it;
+* ``prefill``: whole right-padded prompts through ``prefill``, then the sampler.
+
+Each is traced once (batch ``None``) and called as a concrete function: that skips
+``tf.function``'s argument dispatch, which costs more than a small model's whole step on a CPU.
+``warm_up`` runs every function at the batch sizes the engine will use before the version takes
+traffic. ``configure_devices`` and ``configure_cpu_threads`` set TensorFlow up before any op runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.types.experimental import ConcreteFunction
+
+from training import contract
+from training.check import CheckedVersion, check_version, input_specs
+from training.sampler import SAMPLER_SIGNATURE, sample
+
+log = logging.getLogger(__name__)
+
+DECODE = "decode"
+DECODE_STEPS = "decode_steps"
+PREFILL = "prefill"
+WARMUP_STEPS = 2  # decode_steps warms up with K > 1 and some rows reading a prompt
+
+_configured = threading.Lock()
+_devices_done: list[str] = []
+
+Decoded = tuple[tf.Tensor, tf.Tensor, tf.Tensor]
+
+
+def configure_cpu_threads(threads: int) -> bool:
+    """Size TensorFlow's intra- and inter-op thread pools; False if TensorFlow had already started."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as exc:  # TensorFlow ran an op already (a server started inside another program)
+        log.warning("keeping TensorFlow's thread pools: %s", exc)
+        return False
+    return True
+
+
+def configure_devices() -> str:
+    """Enable GPU memory growth (before any op runs) and return the device the models run on."""
+    with _configured:
+        if _devices_done:
+            return _devices_done[0]
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError as exc:  # TF already initialised the device
+                log.warning("could not enable memory growth on %s: %s", gpu.name, exc)
+        logical = tf.config.list_logical_devices("GPU")
+        device = logical[0].name if logical else tf.config.list_logical_devices("CPU")[0].name
+        log.info("models run on %s (GPUs visible: %d)", device, len(logical))
+        _devices_done.append(device)
+        return device
+
+
+def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
+    """The three sampler-fused functions over the version's signatures, as concrete functions."""
+    step_fn = checked.step
+    prefill_fn = checked.prefill
+    # step's inputs (tokens[B], state[B,S]), then the sampler's per-row parameters
+    decode_signature = [*input_specs(contract.STEP), *SAMPLER_SIGNATURE[1:]]
+
+    @tf.function(input_signature=decode_signature)
+    def _decode(tokens, state, temperature, top_k, top_p, seed, position):  # type: ignore[no-untyped-def]
+        out = step_fn(tokens=tokens, state=state)
+        ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
+        return ids, logprobs, out["state"]
+
+    # prefill's inputs (tokens[B,T], lengths[B]), then the sampler's per-row parameters
+    @tf.function(input_signature=[*input_specs(contract.PREFILL), *SAMPLER_SIGNATURE[1:]])
+    def _prefill(tokens, lengths, temperature, top_k, top_p, seed, position):  # type: ignore[no-untyped-def]
+        out = prefill_fn(tokens=tokens, lengths=lengths)
+        ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
+        return ids, logprobs, out["state"]
+
+    @tf.function(
+        input_signature=[
+            *decode_signature,
+            tf.TensorSpec([], tf.int32, name="steps"),
+            tf.TensorSpec([None, None], tf.int32, name="forced"),
+            tf.TensorSpec([None], tf.int32, name="left"),
+        ]
+    )
+    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left):  # type: ignore[no-untyped-def]
+        # A generating row feeds back its own sample at position + (i - left); a row still
+        # reading its prompt is fed its next prompt token: exactly the tokens `steps` calls
+        # of _decode would give (with the engine feeding prompts), in one call.
+        def body(i, tokens, state, ids_ta, logprobs_ta):  # type: ignore[no-untyped-def]
+            out = step_fn(tokens=tokens, state=state)
+            generated = tf.cast(tf.maximum(i - left, 0), tf.int64)
+            ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position + generated)
+            fed = tf.where(i >= left, ids, tf.gather(forced, i, axis=1))
+            return i + 1, fed, out["state"], ids_ta.write(i, ids), logprobs_ta.write(i, logprobs)
+
+        loop_vars = [
+            tf.constant(0),
+            tokens,
+            state,
+            tf.TensorArray(tf.int32, size=steps),
+            tf.TensorArray(tf.float32, size=steps),
+        ]
+        _, _, state, ids_ta, logprobs_ta = tf.while_loop(lambda i, *_: i < steps, body, loop_vars)
+        return ids_ta.stack(), logprobs_ta.stack(), state  # (k, b), (k, b), (b, S)
+
+    return {
+        DECODE: _decode.get_concrete_function(),
+        PREFILL: _prefill.get_concrete_function(),
+        DECODE_STEPS: _decode_steps.get_concrete_function(),
+    }
+
+
+class Decoder:
+    """One version's typed decode functions; every argument and result is a ``tf.Tensor``.
+
+    The sampler's per-row parameters, shared by all three: ``temperature`` float32[B] (0 = greedy),
+    ``top_k`` int32[B] (0 = off), ``top_p`` float32[B] (1 = off), ``seed`` int64[B] and
+    ``position`` int64[B] (which draw of the row's stream this is). A row's draw depends only on its
+    own logits, parameters, seed and position, never on its batch-mates.
+    """
+
+    def __init__(self, checked: CheckedVersion) -> None:
+        self.checked = checked
+        self._functions = _build(checked)
+        self._decode = self._functions[DECODE]
+        self._prefill = self._functions[PREFILL]
+        self._decode_steps = self._functions[DECODE_STEPS]
+        self._warmed: set[tuple[str, int]] = set()
+
+    @classmethod
+    def load(cls, path: str) -> Decoder:
+        """Check the version folder at ``path`` (``ContractError`` says what is wrong) and build its decoder."""
+        return cls(check_version(path))
+
+    @property
+    def state_size(self) -> int:
+        """S: the width of the state the functions take and return."""
+        return self.checked.state_size
+
+    @property
+    def functions(self) -> dict[str, ConcreteFunction]:
+        """The concrete functions by name (``decode``, ``decode_steps``, ``prefill``)."""
+        return dict(self._functions)
+
+    @property
+    def warmed(self) -> frozenset[tuple[str, int]]:
+        """The (function name, batch size) pairs ``warm_up`` has run."""
+        return frozenset(self._warmed)
+
+    def decode(
+        self,
+        tokens: tf.Tensor,
+        state: tf.Tensor,
+        temperature: tf.Tensor,
+        top_k: tf.Tensor,
+        top_p: tf.Tensor,
+        seed: tf.Tensor,
+        position: tf.Tensor,
+    ) -> Decoded:
+        """One step for every row, then one sampled token per row.
+
+        ``tokens`` int32[B] (each row's latest token), ``state`` float32[B,S] ->
+        ``(ids int32[B], logprobs float32[B], state float32[B,S])``. ``logprobs`` is the model's
+        log-softmax of the chosen id (temperature 1, no truncation).
+        """
+        return self._decode(tokens, state, temperature, top_k, top_p, seed, position)
+
+    def decode_steps(
+        self,
+        tokens: tf.Tensor,
+        state: tf.Tensor,
+        temperature: tf.Tensor,
+        top_k: tf.Tensor,
+        top_p: tf.Tensor,
+        seed: tf.Tensor,
+        position: tf.Tensor,
+        steps: tf.Tensor,
+        forced: tf.Tensor,
+        left: tf.Tensor,
+    ) -> Decoded:
+        """K = ``steps`` decode steps in one call (one ``tf.while_loop``).
+
+        ``tokens`` int32[B], ``state`` float32[B,S], ``steps`` int32[], ``forced`` int32[B,K],
+        ``left`` int32[B] -> ``(ids int32[K,B], logprobs float32[K,B], state float32[B,S])``.
+        A row with ``left = n > 0`` is still reading its prompt: at steps 0..n-1 it is fed
+        ``forced[:, i]`` (its next prompt tokens) instead of its sample, and it generates from
+        step n on, with sampler position ``position + i - n``. Step i's ids are what K calls of
+        ``decode`` would give.
+        """
+        return self._decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left)
+
+    def prefill(
+        self,
+        tokens: tf.Tensor,
+        lengths: tf.Tensor,
+        temperature: tf.Tensor,
+        top_k: tf.Tensor,
+        top_p: tf.Tensor,
+        seed: tf.Tensor,
+        position: tf.Tensor,
+    ) -> Decoded:
+        """Whole prompts through ``prefill``, then the first sampled token per row.
+
+        ``tokens`` int32[B,T] right-padded with 0, ``lengths`` int32[B] (1..T) ->
+        ``(ids int32[B], logprobs float32[B], state float32[B,S])``: the state after each row's
+        last prompt token, which ``decode`` continues from.
+        """
+        return self._prefill(tokens, lengths, temperature, top_k, top_p, seed, position)
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        """Run every function once at each batch size (``decode_steps`` with K > 1, half its rows forced)."""
+        start = self.checked.tokenizer.start_ids[0]
+        for batch in sorted(set(batch_sizes)):
+            if batch < 1:
+                raise ValueError(f"warm-up batch sizes must be at least 1, got {batch}")
+            params = _greedy_params(batch)
+            state = tf.zeros([batch, self.state_size])
+            self.decode(tf.fill([batch], start), state, *params)
+            self._warmed.add((DECODE, batch))
+            self.prefill(tf.fill([batch, 2], start), tf.fill([batch], 2), *params)
+            self._warmed.add((PREFILL, batch))
+            left = tf.constant((np.arange(batch) % 2 == 0).astype(np.int32))  # rows 0, 2, ... read a prompt token
+            self.decode_steps(
+                tf.fill([batch], start),
+                state,
+                *params,
+                tf.constant(WARMUP_STEPS),
+                tf.fill([batch, WARMUP_STEPS], start),
+                left,
+            )
+            self._warmed.add((DECODE_STEPS, batch))
+
+
+def _greedy_params(batch: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """temperature, top_k, top_p, seed, position for ``batch`` greedy rows at position 0."""
+    return (
+        tf.zeros([batch], tf.float32),
+        tf.zeros([batch], tf.int32),
+        tf.ones([batch], tf.float32),
+        tf.zeros([batch], tf.int64),
+        tf.zeros([batch], tf.int64),
+    )
