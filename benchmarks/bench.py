@@ -31,6 +31,7 @@ from typing import Any
 
 from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
 from benchmarks.interference import InterferenceConfig, measure_interference
+from training.tf_runtime import add_log_level_flag, quiet_start
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
     parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
     parser.add_argument("--call-budget-ms", type=float, help="the servers' --call-budget-ms (default 25)")
+    add_log_level_flag(parser)
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
     reference, capacity = 64, 1000
@@ -387,7 +389,6 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when every part ran (targets may still fail), 1 when a part could not run."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     config = parse_config(sys.argv[1:] if argv is None else argv)
     os.makedirs(config.out, exist_ok=True)
     results = run(config)
@@ -407,4 +408,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_start(sys.argv[1:])
     sys.exit(main())

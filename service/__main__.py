@@ -1,10 +1,10 @@
-"""``python -m service``: the same as ``textgen serve``."""
+"""``python -m service``: the same as ``textgen serve`` (TensorFlow imported quietly first)."""
 
 from __future__ import annotations
 
 import sys
 
-from service.server import main
+from service.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["serve", *sys.argv[1:]]))

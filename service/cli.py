@@ -8,13 +8,20 @@
 ``textgen bench``     benchmarks.bench  (the performance harness)
 
 Each subcommand parses its own flags; imports happen only for the one chosen
-so ``textgen generate --target`` never loads TensorFlow.
+so ``textgen generate --target`` never loads TensorFlow. For the others,
+TensorFlow is imported first at the ``--log-level`` the arguments ask for
+(``serve``: or ``TEXTGEN_LOG_LEVEL``), with its start-up noise held back
+(``training.tf_runtime``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from service.config import ENV_PREFIX
+from training.tf_runtime import quiet_start
 
 USAGE = """usage: textgen {train,serve,generate,check,bench} [flags]
 
@@ -43,6 +50,12 @@ def _module_for(command: str, rest: list[str]) -> str:
     return COMMANDS[command]
 
 
+# The subcommand modules that never import TensorFlow.
+WITHOUT_TENSORFLOW = frozenset({"service.client"})
+# The environment variable that also sets a subcommand's --log-level (flags win).
+LOG_LEVEL_ENV = {"serve": ENV_PREFIX + "LOG_LEVEL"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -52,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if command != "generate" and command not in COMMANDS:
         print(f"textgen: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(_module_for(command, rest))
+    name = _module_for(command, rest)
+    if name not in WITHOUT_TENSORFLOW:
+        quiet_start(rest, os.environ, LOG_LEVEL_ENV.get(command, ""))
+    module = importlib.import_module(name)
     result: int = module.main(rest)
     return result
 

@@ -10,11 +10,12 @@ import logging
 import os
 import sys
 
+from training.tf_runtime import quiet_start, set_log_levels
+
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.config import UsageError, parse_args
+    from training.config import UsageError, build_parser, parse_args
 
     try:
         config = parse_args(args)
@@ -23,13 +24,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    log_level = build_parser().parse_args(args).log_level  # not in TrainConfig, which goes into the export
+    set_log_levels(log_level)
 
     from training.corpus import CorpusError
     from training.distribute import ClusterError, choose_strategy
     from training.train import prepare, train
     from training.windows import WindowError
 
-    _configure_logging()
+    _configure_logging(log_level)
     try:
         prepared = prepare(config)
         placement = choose_strategy(os.environ, mixed_precision=config.mixed_precision)
@@ -60,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _configure_logging() -> None:
+def _configure_logging(level: str) -> None:
     logger = logging.getLogger("textgen.train")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("textgen train: %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level.upper())
     logger.propagate = False
 
 
 if __name__ == "__main__":
+    quiet_start(sys.argv[1:])
     sys.exit(main())

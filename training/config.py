@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
 from training.model import CELLS
+from training.tf_runtime import add_log_level_flag
 from training.tokenizer import LEVELS
 
 DEFAULT_OUT = os.path.join("models", "textgen")
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=40,
         help="tokens to generate from the reloaded export at the end (default: 40)",
     )
+    add_log_level_flag(p)
     return p
 
 
