@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import urllib.request
@@ -113,3 +114,39 @@ def test_exposition_passes_promtool_check_metrics(serving: RunningServer, client
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+
+
+def test_names_sent_by_clients_never_become_label_values(serving: RunningServer, client: TextGenClient) -> None:
+    """Unknown model names and request ids, however many, are counted under ``model="unresolved"`` only."""
+    names = [f"nosuch-{secrets.token_hex(8)}" for _ in range(6)]
+    request_ids = [f"rid-{secrets.token_hex(8)}" for _ in range(len(names) + 3)]
+    not_found = {"model": "unresolved", "code": "NOT_FOUND"}
+    invalid = {"model": "unresolved", "code": "INVALID_ARGUMENT"}
+    not_found_before, invalid_before = (
+        serving.sample("textgen_requests_total", not_found),
+        serving.sample("textgen_requests_total", invalid),
+    )
+    for i, (name, request_id) in enumerate(zip(names, request_ids, strict=False)):
+        with pytest.raises(grpc.RpcError) as info:
+            if i % 2:
+                list(client.generate("The ", model=name, request_id=request_id, max_tokens=2))
+            else:
+                client.complete("The ", model=name, request_id=request_id, max_tokens=2)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # A known model pinned to a version it does not have, a bad request naming an unknown model, a good one.
+    with pytest.raises(grpc.RpcError) as info:
+        client.complete("The ", model="tiny", model_version=987654, request_id=request_ids[-3], max_tokens=2)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        client.complete("The ", model=names[0], top_p=2.0, request_id=request_ids[-2])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.complete("The ", max_tokens=2, request_id=request_ids[-1]).usage.completion_tokens == 2
+
+    assert serving.sample("textgen_requests_total", not_found) == not_found_before + len(names) + 1
+    assert serving.sample("textgen_requests_total", invalid) == invalid_before + 1
+    text = serving.metrics_text()
+    values = {v for f in text_string_to_metric_families(text) for s in f.samples for v in s.labels.values()}
+    assert values.isdisjoint(names + request_ids)
+    assert not [sent for sent in names + request_ids if sent in text]  # not even inside another label or name
+    models = {s.labels["model"] for f in text_string_to_metric_families(text) for s in f.samples if "model" in s.labels}
+    assert models <= {"tiny", "unresolved"}
