@@ -72,7 +72,7 @@ class TokenStore:
                 return self._digests
             if stamp is None:
                 # Mid-rotation or deleted: keep the last good tokens rather than lock every client out.
-                log.warning(
+                log.error(
                     "--auth-token-file %s is missing; keeping the %d tokens loaded before",
                     self.path,
                     len(self._digests),

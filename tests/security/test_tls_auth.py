@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +237,42 @@ def test_unreadable_certificate_or_token_file_is_a_clear_startup_error(tiny_mode
     with contextlib.redirect_stderr(err):
         code = serve_main([*models, "--tls-client-ca", str(bad)], {})
     assert code == 2 and "--tls-client-ca" in err.getvalue()
+
+
+def test_a_token_file_that_disappears_keeps_the_last_good_tokens(
+    tiny_model_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN}\n", encoding="utf-8")
+    running = RunningServer(make_config(tiny_model_repo, auth_token_file=str(tokens)))
+    try:
+        caplog.set_level(logging.INFO, logger="service.auth")
+        with TextGenClient(running.target, token=TOKEN, timeout=30) as client:
+            assert client.complete("The ", max_tokens=3, seed=1).usage.completion_tokens == 3
+            tokens.unlink()
+            # The old token still passes, on every RPC, and the server does not fall over.
+            for seed in range(3):
+                assert client.complete("The ", max_tokens=3, seed=seed).usage.completion_tokens == 3
+            assert len(list(client.generate("The ", max_tokens=4, seed=4))) >= 1
+            assert client.list_models().models[0].name == "tiny"
+        with TextGenClient(running.target, token=OTHER_TOKEN, timeout=30) as stranger:
+            with pytest.raises(grpc.RpcError) as info:
+                stranger.complete("The ", max_tokens=3)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(running.target) as channel:
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        # As SECURITY.md says: an error is logged, once (not once per request), naming the file, never a token.
+        missing = [r for r in caplog.records if r.name == "service.auth" and str(tokens) in r.getMessage()]
+        assert len(missing) == 1, [r.getMessage() for r in missing]
+        assert missing[0].levelno == logging.ERROR and "keeping" in missing[0].getMessage()
+        assert TOKEN not in caplog.text
+        # The file comes back (rotated): its tokens are read and the old one stops passing.
+        tokens.write_text(f"{OTHER_TOKEN}\n", encoding="utf-8")
+        with TextGenClient(running.target, token=OTHER_TOKEN, timeout=30) as client:
+            assert client.complete("The ", max_tokens=3, seed=1).usage.completion_tokens == 3
+        with TextGenClient(running.target, token=TOKEN, timeout=30) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.complete("The ", max_tokens=3)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(grace=0)
