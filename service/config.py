@@ -14,10 +14,39 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 ENV_PREFIX = "TEXTGEN_"
+_UINT32_MAX = 2**32 - 1
+_INT32_MAX = 2**31 - 1
+_MAX_SECONDS = _INT32_MAX // 1000
 
 
 class ConfigError(ValueError):
     """A flag or environment variable has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's part of ``ServerConfig`` (``ServerConfig.engine``); its defaults and checks are there."""
+
+    max_concurrent: int  # active sequences, all models
+    max_queue: int  # accepted but waiting
+    max_batch_size: int  # rows in one model call; 1 = no batching (the baseline)
+    steps_per_call: int  # decode steps per model call while nobody waits to join
+    call_budget: float  # seconds one multi-step call may take (0 = no limit)
+    # Readers of one event loop are woken at most once per this many seconds while the engine
+    # runs (always at once when it goes idle): on a fast model the cross-thread wake-up, not the
+    # model, is the cost of a step. Not a flag.
+    wake_interval: float = 0.002
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The server's limits on one request (``ServerConfig.limits``)."""
+
+    max_tokens_limit: int
+    default_max_tokens: int
+    max_prompt_bytes: int
+    max_stop_sequences: int
+    max_stop_length: int
 
 
 @dataclass(frozen=True)
@@ -60,6 +89,31 @@ class ServerConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    @property
+    def engine(self) -> EngineConfig:
+        return EngineConfig(
+            max_concurrent=self.max_concurrent,
+            max_queue=self.max_queue,
+            max_batch_size=self.max_batch_size,
+            steps_per_call=self.steps_per_call,
+            call_budget=self.call_budget_ms / 1000.0,
+        )
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_tokens_limit=self.max_tokens_limit,
+            default_max_tokens=self.default_max_tokens,
+            max_prompt_bytes=self.max_prompt_bytes,
+            max_stop_sequences=self.max_stop_sequences,
+            max_stop_length=self.max_stop_length,
+        )
+
+    @property
+    def warmup_batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes every decode function is run at before a version takes traffic."""
+        return tuple(sorted({1, 8, self.max_batch_size}))
+
 
 def _problems(c: ServerConfig) -> list[str]:
     out: list[str] = []
@@ -86,6 +140,18 @@ def _problems(c: ServerConfig) -> list[str]:
         value = getattr(c, name)
         need(value >= 1, name, value, ">= 1")
     need(c.max_queue >= 0, "max_queue", c.max_queue, ">= 0")
+    # Upper bounds are what the value's consumer can hold: the API's uint32 fields, gRPC's and
+    # TensorFlow's int32 arguments, gRPC's int32 millisecond channel arguments.
+    for name in ("max_tokens_limit", "default_max_tokens"):
+        value = getattr(c, name)
+        need(value <= _UINT32_MAX, name, value, f"<= {_UINT32_MAX} (the API's uint32 max_tokens)")
+    for name in ("max_concurrent", "max_queue", "max_batch_size", "max_receive_message_bytes", "steps_per_call"):
+        value = getattr(c, name)
+        need(value <= _INT32_MAX, name, value, f"<= {_INT32_MAX} (gRPC and TensorFlow take it as an int32)")
+    need(c.intra_op_threads <= 4096, "intra_op_threads", c.intra_op_threads, "<= 4096")
+    need(c.max_stop_sequences <= 4096, "max_stop_sequences", c.max_stop_sequences, "<= 4096")
+    need(c.max_stop_length <= 65536, "max_stop_length", c.max_stop_length, "<= 65536")
+    need(c.keep_versions <= 1024, "keep_versions", c.keep_versions, "<= 1024")
     need(
         c.max_receive_message_bytes >= c.max_prompt_bytes + 4096,
         "max_receive_message_bytes",
@@ -116,7 +182,12 @@ def _problems(c: ServerConfig) -> list[str]:
     )
     for name in ("grace_seconds", "poll_seconds", "max_connection_age", "request_timeout", "stream_write_timeout"):
         value = getattr(c, name)
-        need(math.isfinite(value) and value >= 0, name, value, "a finite number of seconds >= 0 (0 = off)")
+        need(
+            math.isfinite(value) and 0 <= value <= _MAX_SECONDS,
+            name,
+            value,
+            f"a number of seconds in [0, {_MAX_SECONDS}] (0 = off; gRPC takes it in int32 milliseconds)",
+        )
     need(c.log_level.upper() in _LOG_LEVELS, "log_level", c.log_level, f"one of {', '.join(_LOG_LEVELS)}")
     return out
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.stream import FinishReason
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -75,8 +77,8 @@ class StoppingCriteria:
     """``max_tokens`` and stop sequences for one request: ``criteria(piece) -> (emit, finish_reason)``.
 
     Call it once per generated token with that token's text. ``finish_reason``
-    is None while generation goes on, ``"stop"`` when a stop sequence matched
-    (the stop text is not in ``emit``), ``"length"`` when this was token
+    is None while generation goes on, ``FinishReason.STOP`` when a stop sequence matched
+    (the stop text is not in ``emit``), ``FinishReason.LENGTH`` when this was token
     ``max_tokens`` (any held-back text is released into ``emit``).
     """
 
@@ -85,13 +87,13 @@ class StoppingCriteria:
         self.matcher = StopSequenceMatcher(stops)
         self.tokens = 0
 
-    def __call__(self, piece: str) -> tuple[str, str | None]:
+    def __call__(self, piece: str) -> tuple[str, FinishReason | None]:
         self.tokens += 1
         emit, stopped = self.matcher.feed(piece)
         if stopped:
-            return emit, "stop"
+            return emit, FinishReason.STOP
         if self.tokens >= self.max_tokens:
-            return emit + self.matcher.flush(), "length"
+            return emit + self.matcher.flush(), FinishReason.LENGTH
         return emit, None
 
     def flush(self) -> str:

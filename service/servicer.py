@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,11 +31,13 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from service.api import textgen_pb2, textgen_pb2_grpc
-from service.config import ServerConfig
-from service.engine import CapacityError, Chunk, Engine, EngineClosedError
+from service.config import RequestLimits, ServerConfig
+from service.engine import CapacityError, Engine, EngineClosedError
 from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel, ModelNotFoundError, ModelRepository, NoModelLoadedError
+from service.prompt import UnsafeTextError, encode_prompt, normalize_stops
 from service.sampling import SamplingParams
+from service.stream import Chunk, FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,10 @@ MAX_TOP_K = 2**31 - 1  # the engine holds top_k as int32
 # names sent by clients never become label values (unbounded cardinality).
 UNRESOLVED_MODEL = "unresolved"
 
+# The reasons a stream ends normally, as the proto says them; every other reason ends it with a status.
 FINISH_REASONS = {
-    "length": textgen_pb2.FINISH_REASON_LENGTH,
-    "stop": textgen_pb2.FINISH_REASON_STOP,
-    "end": textgen_pb2.FINISH_REASON_END,
+    FinishReason.LENGTH: textgen_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: textgen_pb2.FINISH_REASON_STOP,
 }
 
 
@@ -172,27 +175,6 @@ class _StallWatch:
         self._timer = self._loop.call_later(self.timeout / 4, self._sweep)
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """The server's limits on one request (a slice of ``ServerConfig``)."""
-
-    max_tokens_limit: int = 4096
-    default_max_tokens: int = 256
-    max_prompt_bytes: int = 65536
-    max_stop_sequences: int = 16
-    max_stop_length: int = 256
-
-    @classmethod
-    def from_config(cls, config: ServerConfig) -> RequestLimits:
-        return cls(
-            max_tokens_limit=config.max_tokens_limit,
-            default_max_tokens=config.default_max_tokens,
-            max_prompt_bytes=config.max_prompt_bytes,
-            max_stop_sequences=config.max_stop_sequences,
-            max_stop_length=config.max_stop_length,
-        )
-
-
 def validate_request(request: textgen_pb2.GenerateRequest, limits: RequestLimits) -> SamplingParams:
     """Checks a request against the limits; returns its ``SamplingParams`` or raises INVALID_ARGUMENT.
 
@@ -277,7 +259,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     def __init__(
         self, config: ServerConfig, repository: ModelRepository, engine: Engine, metrics: ServingMetrics
     ) -> None:
-        self._limits = RequestLimits.from_config(config)
+        self._limits = config.limits
         self._request_timeout = config.request_timeout
         # None: no bound (asyncio.timeout(None) never fires, and no stall watch runs).
         self._write_timeout = config.stream_write_timeout if config.stream_write_timeout > 0 else None
@@ -406,8 +388,13 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         params = validate_request(request, self._limits)
         model = self._repository.resolve(request.model, int(request.model_version))
         outcome.model = model.name
+        try:
+            params = dataclasses.replace(params, stop=normalize_stops(model.tokenizer, params.stop))
+            prompt_ids = await encode_prompt(model.tokenizer, request.prompt)
+        except UnsafeTextError as exc:
+            raise invalid(str(exc)) from None
         stream = self._engine.submit(
-            model, request.prompt, params, asyncio.get_running_loop(), deadline=self._deadline(context, started)
+            model, prompt_ids, params, asyncio.get_running_loop(), deadline=self._deadline(context, started)
         )
         # However the RPC ends (even while a message is being written), the row leaves the batch.
         context.add_done_callback(lambda _: stream.cancel())
@@ -420,7 +407,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
                         yield self._response(chunk, request_id, model)
                     continue
                 outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-                outcome.finish_reason = chunk.finish_reason
+                outcome.finish_reason = chunk.finish_reason.value
                 self._raise_for_unfinished(chunk, request_id)
                 last = self._response(chunk, request_id, model)
                 last.finish_reason = FINISH_REASONS[chunk.finish_reason]
@@ -446,23 +433,22 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
 
     @staticmethod
     def _raise_for_unfinished(chunk: Chunk, request_id: str) -> None:
-        if chunk.finish_reason in FINISH_REASONS:
+        reason = chunk.finish_reason
+        if reason is None or reason in FINISH_REASONS:
             return
-        if chunk.finish_reason == "deadline":
+        if reason is FinishReason.DEADLINE:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
-        if chunk.finish_reason == "cancelled":
+        if reason is FinishReason.CANCELLED:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the request was cancelled by the server (shutting down)")
-        if chunk.finish_reason == "resource_exhausted":
+        if reason is FinishReason.RESOURCE_EXHAUSTED:
             log.error("request %s ran out of memory in the engine: %s", request_id, chunk.error)
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server ran out of memory for this step: {chunk.error}; retry later or ask for less; "
                 f"request_id={request_id}",
             )
-        if chunk.finish_reason == "error":
-            log.error("request %s failed in the engine: %s", request_id, chunk.error)
-            raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {chunk.error}; request_id={request_id}")
-        raise RequestError(grpc.StatusCode.INTERNAL, f"engine finished with unknown reason {chunk.finish_reason!r}")
+        log.error("request %s failed in the engine: %s", request_id, chunk.error)
+        raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {chunk.error}; request_id={request_id}")
 
     @staticmethod
     def _response(chunk: Chunk, request_id: str, model: LoadedModel) -> textgen_pb2.GenerateResponse:

@@ -22,11 +22,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import TextGenClient
-from service.config import ServerConfig
+from service.config import EngineConfig, ServerConfig
 
 T = TypeVar("T")
 
 READY_TIMEOUT = 120.0
+
+
+def engine_config(wake_interval: float | None = None, **flags: Any) -> EngineConfig:
+    """The engine configuration a server started with these flags runs (the server's defaults otherwise)."""
+    config = ServerConfig(**flags).engine
+    return config if wake_interval is None else dataclasses.replace(config, wake_interval=wake_interval)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.engine import CapacityError, Chunk, Engine, EngineClosedError, EngineConfig, Stream
+from service.batch import CallBudget
+from service.engine import CapacityError, Engine, EngineClosedError
 from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel, ModelRepository
 from service.sampling import SamplingParams
-from tests.service.conftest import wait_until
+from service.stream import Chunk, Stream
+from tests.service.conftest import engine_config, wait_until
 
 PROMPT = "The object "
 
@@ -39,10 +41,22 @@ def metrics() -> ServingMetrics:
 
 @pytest.fixture
 def engine(metrics) -> Iterator[Engine]:
-    engine = Engine(EngineConfig(max_concurrent=64, max_queue=64, max_batch_size=64), metrics)
+    engine = Engine(engine_config(max_concurrent=64, max_queue=64, max_batch_size=64), metrics)
     engine.start()
     yield engine
     engine.stop(5.0)
+
+
+def submit(
+    engine: Engine,
+    model: LoadedModel,
+    prompt: str,
+    params: SamplingParams,
+    loop: asyncio.AbstractEventLoop,
+    deadline: float | None = None,
+) -> Stream:
+    """Submit ``prompt`` encoded by the model's tokenizer (the servicer encodes before it submits)."""
+    return engine.submit(model, model.tokenizer.encode(prompt), params, loop, deadline)
 
 
 async def collect(stream: Stream, delay: float = 0.0) -> tuple[str, list[Chunk]]:
@@ -58,7 +72,7 @@ async def collect(stream: Stream, delay: float = 0.0) -> tuple[str, list[Chunk]]
 
 def generate(engine: Engine, model: LoadedModel, prompt: str, params: SamplingParams) -> tuple[str, list[Chunk]]:
     async def run() -> tuple[str, list[Chunk]]:
-        return await collect(engine.submit(model, prompt, params, asyncio.get_running_loop()))
+        return await collect(submit(engine, model, prompt, params, asyncio.get_running_loop()))
 
     return asyncio.run(run())
 
@@ -115,11 +129,11 @@ def test_seeded_request_is_the_same_alone_and_in_a_crowd(engine, model):
     async def crowd() -> str:
         loop = asyncio.get_running_loop()
         others = [
-            engine.submit(model, f"x{i} " * (i + 1), SamplingParams(max_tokens=80, temperature=1.5), loop)
+            submit(engine, model, f"x{i} " * (i + 1), SamplingParams(max_tokens=80, temperature=1.5), loop)
             for i in range(8)
         ]
         await asyncio.sleep(0.05)  # the others are running (and prompting) when ours arrives
-        ours = engine.submit(model, PROMPT, params, loop)
+        ours = submit(engine, model, PROMPT, params, loop)
         results = await asyncio.gather(collect(ours), *(collect(s) for s in others))
         return results[0][0]
 
@@ -134,7 +148,7 @@ def test_unseeded_requests_differ(engine, model):
 def test_sixteen_streams_share_steps(engine, model, metrics):
     async def run() -> list[str]:
         loop = asyncio.get_running_loop()
-        streams = [engine.submit(model, PROMPT, SamplingParams(max_tokens=30, seed=i), loop) for i in range(16)]
+        streams = [submit(engine, model, PROMPT, SamplingParams(max_tokens=30, seed=i), loop) for i in range(16)]
         return [t for t, _ in await asyncio.gather(*(collect(s) for s in streams))]
 
     steps_before = engine.steps
@@ -150,7 +164,7 @@ def test_sixteen_streams_share_steps(engine, model, metrics):
 
 def test_cancel_frees_the_row_quickly(engine, model, metrics):
     async def run() -> Chunk:
-        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop())
+        stream = submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop())
         await stream.next_chunk()
         assert engine.active == 1
         stream.cancel()
@@ -166,7 +180,7 @@ def test_cancel_frees_the_row_quickly(engine, model, metrics):
 def test_deadline_frees_the_row_quickly(engine, model):
     async def run() -> Chunk:
         deadline = time.monotonic() + 0.2
-        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop(), deadline)
+        stream = submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop(), deadline)
         _, chunks = await collect(stream)
         return chunks[-1]
 
@@ -179,21 +193,21 @@ def test_deadline_frees_the_row_quickly(engine, model):
 
 
 def test_capacity_error_at_once_when_full(model):
-    engine = Engine(EngineConfig(max_concurrent=2, max_queue=1, max_batch_size=2))
+    engine = Engine(engine_config(max_concurrent=2, max_queue=1, max_batch_size=2))
     engine.start()
     try:
 
         async def run() -> None:
             loop = asyncio.get_running_loop()
-            streams = [engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), loop) for _ in range(3)]
+            streams = [submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000), loop) for _ in range(3)]
             for _ in range(3):  # three waves: full, refused at once, freed, full again
                 began = time.monotonic()
                 with pytest.raises(CapacityError, match="max_concurrent 2 \\+ max_queue 1"):
-                    engine.submit(model, PROMPT, SamplingParams(max_tokens=5), loop)
+                    submit(engine, model, PROMPT, SamplingParams(max_tokens=5), loop)
                 assert time.monotonic() - began < 0.1
                 streams[0].cancel()
                 await collect(streams[0])
-                streams = streams[1:] + [engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), loop)]
+                streams = streams[1:] + [submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000), loop)]
             for s in streams:
                 s.cancel()
                 await collect(s)
@@ -206,7 +220,7 @@ def test_capacity_error_at_once_when_full(model):
 
 def test_slow_consumer_gets_coalesced_chunks(engine, model):
     async def run() -> tuple[str, list[Chunk]]:
-        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=200, seed=5), asyncio.get_running_loop())
+        stream = submit(engine, model, PROMPT, SamplingParams(max_tokens=200, seed=5), asyncio.get_running_loop())
         return await collect(stream, delay=0.05)
 
     text, chunks = asyncio.run(run())
@@ -218,16 +232,16 @@ def test_slow_consumer_gets_coalesced_chunks(engine, model):
 
 
 def test_close_refuses_new_requests_and_running_streams_finish(model):
-    engine = Engine(EngineConfig())
+    engine = Engine(engine_config())
     engine.start()
     try:
 
         async def run() -> Chunk:
             loop = asyncio.get_running_loop()
-            stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=30), loop)
+            stream = submit(engine, model, PROMPT, SamplingParams(max_tokens=30), loop)
             engine.close()
             with pytest.raises(EngineClosedError):
-                engine.submit(model, PROMPT, SamplingParams(max_tokens=30), loop)
+                submit(engine, model, PROMPT, SamplingParams(max_tokens=30), loop)
             return (await collect(stream))[1][-1]
 
         assert asyncio.run(run()).finish_reason == "length"
@@ -236,13 +250,13 @@ def test_close_refuses_new_requests_and_running_streams_finish(model):
 
 
 def test_batch_size_one_runs_one_sequence_per_step(model, metrics):
-    engine = Engine(EngineConfig(max_batch_size=1), metrics)
+    engine = Engine(engine_config(max_batch_size=1), metrics)
     engine.start()
     try:
 
         async def run() -> list[str]:
             loop = asyncio.get_running_loop()
-            streams = [engine.submit(model, PROMPT, SamplingParams(max_tokens=10, seed=i), loop) for i in range(3)]
+            streams = [submit(engine, model, PROMPT, SamplingParams(max_tokens=10, seed=i), loop) for i in range(3)]
             return [t for t, _ in await asyncio.gather(*(collect(s) for s in streams))]
 
         assert len(asyncio.run(run())) == 3
@@ -266,10 +280,10 @@ async def _long_prompt_arrives(engine: Engine, model: LoadedModel, long_prompt: 
     """A stream runs; a long prompt arrives. Returns (engine steps, tokens the running stream got) until the
     long prompt's first token."""
     loop = asyncio.get_running_loop()
-    running = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000, seed=1), loop)
+    running = submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000, seed=1), loop)
     before = (await running.next_chunk()).completion_tokens
     steps_before = engine.steps
-    late = engine.submit(model, long_prompt, SamplingParams(max_tokens=3, seed=2), loop)
+    late = submit(engine, model, long_prompt, SamplingParams(max_tokens=3, seed=2), loop)
     await late.next_chunk()
     steps = engine.steps - steps_before
     got = (await running.next_chunk()).completion_tokens - before
@@ -283,7 +297,7 @@ LONG_PROMPT = ("The object " * 60)[:600]
 
 
 def test_a_long_prompt_rides_along_without_stalling_running_streams(model):
-    engine = Engine(EngineConfig(prefill_threshold=0))  # every prompt rides
+    engine = Engine(engine_config(steps_per_call=1))
     engine.start()
     try:
         steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
@@ -294,24 +308,11 @@ def test_a_long_prompt_rides_along_without_stalling_running_streams(model):
     assert got >= 600
 
 
-def test_a_long_prompt_is_prefilled_beside_running_streams(model):
-    engine = Engine(EngineConfig(prefill_threshold=32))
-    engine.start()
-    try:
-        steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
-    finally:
-        engine.stop(5.0)
-    # The prefill worker made the first token come long before 600 steps, and the running stream
-    # kept getting a token at every engine step meanwhile.
-    assert steps < 600
-    assert got >= steps - 1
-
-
 async def _seeded_in_a_crowd(engine: Engine, model: LoadedModel, prompt: str, params: SamplingParams) -> str:
     loop = asyncio.get_running_loop()
-    others = [engine.submit(model, PROMPT, SamplingParams(max_tokens=200), loop) for _ in range(4)]
+    others = [submit(engine, model, PROMPT, SamplingParams(max_tokens=200), loop) for _ in range(4)]
     await asyncio.sleep(0.05)
-    ours = engine.submit(model, prompt, params, loop)  # rides or goes to the prefill worker
+    ours = submit(engine, model, prompt, params, loop)  # rides in the running batch
     text = (await collect(ours))[0]
     for s in others:
         s.cancel()
@@ -319,29 +320,26 @@ async def _seeded_in_a_crowd(engine: Engine, model: LoadedModel, prompt: str, pa
     return text
 
 
-def test_prefilled_riding_and_idle_prompts_give_the_same_seeded_text(model):
-    prompt = ("A seeded prompt that is longer than the prefill threshold. " * 3)[:150]
+def test_riding_and_idle_prefilled_prompts_give_the_same_seeded_text(model):
+    prompt = ("A seeded prompt that is read one token per step beside others. " * 3)[:150]
     params = SamplingParams(max_tokens=40, temperature=0.8, seed=77)
-    texts = []
-    for threshold in (0, 32):
-        engine = Engine(EngineConfig(prefill_threshold=threshold))
-        engine.start()
-        try:
-            texts.append(generate(engine, model, prompt, params)[0])  # alone: idle prefill
-
-            texts.append(asyncio.run(_seeded_in_a_crowd(engine, model, prompt, params)))
-        finally:
-            engine.stop(5.0)
-    assert len(set(texts)) == 1, texts
+    engine = Engine(engine_config())
+    engine.start()
+    try:
+        alone = generate(engine, model, prompt, params)[0]  # no running row: the prefill signature
+        crowded = asyncio.run(_seeded_in_a_crowd(engine, model, prompt, params))  # rides in the batch
+    finally:
+        engine.stop(5.0)
+    assert alone == crowded
 
 
 def test_wake_interval_groups_wake_ups_and_the_last_one_is_never_held(model):
-    engine = Engine(EngineConfig(wake_interval=1.0))
+    engine = Engine(engine_config(wake_interval=1.0))
     engine.start()
     try:
 
         async def run() -> list[Chunk]:
-            stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=40, seed=9), asyncio.get_running_loop())
+            stream = submit(engine, model, PROMPT, SamplingParams(max_tokens=40, seed=9), asyncio.get_running_loop())
             return (await asyncio.wait_for(collect(stream), 5.0))[1]
 
         chunks = asyncio.run(run())
@@ -353,16 +351,16 @@ def test_wake_interval_groups_wake_ups_and_the_last_one_is_never_held(model):
 
 
 def test_waiting_requests_can_be_cancelled_or_expire_in_the_queue(model):
-    engine = Engine(EngineConfig(max_concurrent=1, max_queue=4, max_batch_size=1))
+    engine = Engine(engine_config(max_concurrent=1, max_queue=4, max_batch_size=1))
     engine.start()
     try:
 
         async def run() -> tuple[Chunk, Chunk, Chunk]:
             loop = asyncio.get_running_loop()
-            running = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), loop)
+            running = submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000), loop)
             await running.next_chunk()
-            queued = engine.submit(model, PROMPT, SamplingParams(max_tokens=5), loop)
-            expiring = engine.submit(model, PROMPT, SamplingParams(max_tokens=5), loop, time.monotonic() + 0.1)
+            queued = submit(engine, model, PROMPT, SamplingParams(max_tokens=5), loop)
+            expiring = submit(engine, model, PROMPT, SamplingParams(max_tokens=5), loop, time.monotonic() + 0.1)
             assert engine.waiting == 2
             queued.cancel()
             cancelled = (await collect(queued))[1][-1]
@@ -381,11 +379,11 @@ def test_waiting_requests_can_be_cancelled_or_expire_in_the_queue(model):
 
 
 def test_stop_cancels_running_streams_and_joins(model):
-    engine = Engine(EngineConfig())
+    engine = Engine(engine_config())
     engine.start()
 
     async def run() -> Chunk:
-        stream = engine.submit(model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop())
+        stream = submit(engine, model, PROMPT, SamplingParams(max_tokens=100_000), asyncio.get_running_loop())
         await stream.next_chunk()
         await asyncio.to_thread(engine.stop, 5.0)
         return (await asyncio.wait_for(collect(stream), 5.0))[1][-1]
@@ -418,16 +416,18 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
     ]
 
     def run(
-        steps_per_call: int, call_budget: float = 0.0
+        steps_per_call: int, call_budget_ms: float = 0.0
     ) -> tuple[list[tuple[str, list[int], list[float], str | None, int]], Engine]:
-        config = EngineConfig(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call, call_budget=call_budget)
+        config = engine_config(
+            max_concurrent=8, max_queue=8, steps_per_call=steps_per_call, call_budget_ms=call_budget_ms
+        )
         engine = Engine(config, metrics)
         engine.start()
         try:
 
             async def together() -> list[tuple[str, list[Chunk]]]:
                 loop = asyncio.get_running_loop()
-                streams = [engine.submit(model, prompt, params, loop) for prompt, params in cases]
+                streams = [submit(engine, model, prompt, params, loop) for prompt, params in cases]
                 return await asyncio.gather(*(collect(s) for s in streams))
 
             out = []
@@ -451,8 +451,8 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
     assert many_engine.calls < one_engine.calls / 2
     # A call budget below any step's time keeps K at 1; one far above every step's time lets
     # K reach steps_per_call after the first (timed) call. The streams never change.
-    for budget, calls_like in ((1e-9, one_engine), (10.0, many_engine)):
-        budgeted, engine = run(8, budget)
+    for budget_ms, calls_like in ((1e-6, one_engine), (10_000.0, many_engine)):
+        budgeted, engine = run(8, budget_ms)
         assert [o[:2] + o[3:] for o in budgeted] == [o[:2] + o[3:] for o in one]
         if calls_like is one_engine:
             assert engine.calls == engine.steps
@@ -486,14 +486,14 @@ def test_multi_step_calls_spread_inter_token_latency_over_their_tokens(model):
         # makes the mean meaningless; collect now, so none falls due in the half-second measured.
         gc.collect()
         metrics = ServingMetrics()
-        engine = Engine(EngineConfig(max_concurrent=32, max_queue=32, steps_per_call=k), metrics)
+        engine = Engine(engine_config(max_concurrent=32, max_queue=32, steps_per_call=k), metrics)
         engine.start()
         try:
 
             async def many(engine: Engine) -> list[tuple[str, list[Chunk]]]:
                 loop = asyncio.get_running_loop()
                 params = [SamplingParams(max_tokens=64, temperature=1.0, seed=100 + i) for i in range(32)]
-                streams = [engine.submit(model, PROMPT, p, loop) for p in params]
+                streams = [submit(engine, model, PROMPT, p, loop) for p in params]
                 return await asyncio.gather(*(collect(s) for s in streams))
 
             asyncio.run(many(engine))
@@ -520,15 +520,15 @@ def test_prompts_ride_inside_multi_step_calls_with_the_same_streams_as_one_step(
     first = (PROMPT, SamplingParams(max_tokens=400, temperature=1.0, seed=20, include_tokens=True))
 
     def run(steps_per_call: int) -> tuple[list[tuple[str, list[int], list[float], str | None]], Engine]:
-        engine = Engine(EngineConfig(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call), metrics)
+        engine = Engine(engine_config(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call), metrics)
         engine.start()
         try:
 
             async def joined() -> list[tuple[str, list[Chunk]]]:
                 loop = asyncio.get_running_loop()
-                running = engine.submit(model, first[0], first[1], loop)
+                running = submit(engine, model, first[0], first[1], loop)
                 await running.next_chunk()  # the batch is running: the others join it and ride
-                streams = [engine.submit(model, prompt, params, loop) for prompt, params in joiners]
+                streams = [submit(engine, model, prompt, params, loop) for prompt, params in joiners]
                 return await asyncio.gather(collect(running), *(collect(s) for s in streams))
 
             out = []
@@ -552,24 +552,25 @@ def test_prompts_ride_inside_multi_step_calls_with_the_same_streams_as_one_step(
 
 def test_the_call_budget_follows_the_batch_size():
     """A batch that grows is not given K from its small-batch step time; a new size restarts the average."""
-    from service.engine import _Batch
-
-    engine = Engine(EngineConfig(max_concurrent=1024, max_queue=1024, steps_per_call=8, call_budget=0.025))
-    batch = _Batch(model=None)  # type: ignore[arg-type]  # only the rows' count and the timings matter here
-    batch.rows = [None] * 64  # type: ignore[list-item]
-    assert engine._steps_this_call(batch) == 1  # no step timed yet
+    budget = CallBudget(steps_per_call=8, call_budget=0.025)
+    assert budget.steps(64) == 1  # no step timed yet
     for _ in range(5):
-        batch.record_step_time(0.003)
-    assert engine._steps_this_call(batch) == 8  # 25 ms / 3 ms
-    batch.rows = [None] * 1000  # type: ignore[list-item]  # 936 rows joined before the next call
-    assert batch.step_time_estimate() >= 0.003 * 1000 / 64
-    assert engine._steps_this_call(batch) == 1
-    batch.record_step_time(0.037)  # the first step at the new size replaces the average
-    assert batch.step_seconds == 0.037 and engine._steps_this_call(batch) == 1
-    batch.rows = [None] * 1100  # type: ignore[list-item]  # a similar size blends in
-    batch.record_step_time(0.040)
-    assert 0.037 < batch.step_seconds < 0.040
-    batch.rows = [None] * 64  # type: ignore[list-item]
-    assert engine._steps_this_call(batch) == 1  # shrunk: the larger figure holds until a step is timed
-    batch.record_step_time(0.003)
-    assert engine._steps_this_call(batch) == 8
+        budget.record(64, 0.003)
+    assert budget.steps(64) == 8  # 25 ms / 3 ms
+    assert budget.estimate(1000) >= 0.003 * 1000 / 64  # 936 rows joined before the next call
+    assert budget.steps(1000) == 1
+    budget.record(1000, 0.037)  # the first step at the new size replaces the average
+    assert budget.step_seconds == 0.037 and budget.steps(1000) == 1
+    budget.record(1100, 0.040)  # a similar size blends in
+    assert 0.037 < budget.step_seconds < 0.040
+    assert budget.steps(64) == 1  # shrunk: the larger figure holds until a step is timed
+    budget.record(64, 0.003)
+    assert budget.steps(64) == 8
+
+
+def test_one_step_per_call_or_no_budget_ignores_the_timing():
+    assert CallBudget(steps_per_call=1, call_budget=0.025).steps(64) == 1
+    unlimited = CallBudget(steps_per_call=8, call_budget=0.0)
+    assert unlimited.steps(64) == 8  # no budget: K from the first call on
+    unlimited.record(64, 1.0)
+    assert unlimited.steps(64) == 8

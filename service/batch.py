@@ -1,0 +1,238 @@
+"""The running rows of one model version: their arrays, joining, compaction, and the call budget.
+
+A ``Batch`` keeps one entry per running sequence in row-aligned NumPy arrays (next token to feed,
+sampling parameters, position, deadline, prompt tokens still to read) and one state tensor
+``(rows, S)``. Rows join at the end (``join_riding``: a zero state, their prompt fed one token per
+step; ``join_prefilled``: a state from ``prefill``) and finished rows leave in one gather
+(``compact``), so the state is copied once per change, never per step.
+
+``CallBudget`` decides how many decode steps one model call makes (K): ``steps_per_call``, cut so
+that a call takes at most ``call_budget`` seconds by the batch's measured step time. It is plain
+Python and is tested without a model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tensorflow as tf
+
+from service.sampling import SamplingParams, StoppingCriteria
+from service.stream import Stream
+
+if TYPE_CHECKING:
+    from service.model_repository import LoadedModel
+
+_U64 = 1 << 64
+
+
+def as_int64(seed: int) -> int:
+    """A seed in [0, 2**64) as the int64 with the same bits (the sampler takes int64 seeds)."""
+    seed %= _U64
+    return seed - _U64 if seed >= 1 << 63 else seed
+
+
+@dataclass(eq=False)
+class Request:
+    """What the engine keeps of one submitted request, from submit to its end."""
+
+    stream: Stream
+    model: LoadedModel
+    params: SamplingParams
+    prompt_ids: list[int]  # never empty: the tokenizer's start ids stand in for an empty prompt
+    seed: int  # the seed actually used (drawn when the request had none)
+    deadline: float | None  # time.monotonic() based
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class Row:
+    """One running sequence in a batch."""
+
+    request: Request
+    criteria: StoppingCriteria
+    cursor: int = 1  # index of the next prompt token to feed
+    last_id: int | None = None  # the previous token, for Tokenizer.piece
+    last_token_time: float | None = None
+    done: bool = False
+
+    @classmethod
+    def admit(cls, request: Request) -> Row:
+        params = request.params
+        return cls(
+            request=request,
+            criteria=StoppingCriteria(params.max_tokens, params.stop),
+            last_id=request.prompt_ids[-1] if request.stream.prompt_tokens else None,
+        )
+
+
+class CallBudget:
+    """K, the decode steps of the next call: ``steps_per_call``, cut to what fits in ``call_budget`` seconds.
+
+    ``record`` folds each call's time per step into a moving average (about the last 8 calls); a
+    batch size outside 0.8-1.25 times the one last timed restarts it, and rows that joined since
+    scale the estimate up (a step's cost grows less than linearly with its rows, so the scaled
+    figure errs long and the call short of its budget). With no step timed yet, K is 1.
+    """
+
+    def __init__(self, steps_per_call: int, call_budget: float) -> None:
+        self.steps_per_call = steps_per_call
+        self.call_budget = call_budget
+        self.step_seconds = 0.0  # moving average of one decode step's time (0: none yet)
+        self.step_rows = 0  # the batch size when step_seconds was last updated
+
+    def record(self, rows: int, seconds_per_step: float) -> None:
+        if self.step_rows > 0 and 0.8 <= rows / self.step_rows <= 1.25:
+            self.step_seconds += (seconds_per_step - self.step_seconds) / 8.0
+        else:
+            self.step_seconds = seconds_per_step
+        self.step_rows = rows
+
+    def estimate(self, rows: int) -> float:
+        """The next step's time for ``rows`` rows (a batch that shrank keeps its larger figure)."""
+        return self.step_seconds * max(1.0, rows / max(self.step_rows, 1))
+
+    def steps(self, rows: int) -> int:
+        k = self.steps_per_call
+        if k == 1 or self.call_budget <= 0.0:
+            return k
+        if self.step_seconds <= 0.0:
+            return 1  # time one step first
+        return max(1, min(k, int(self.call_budget / self.estimate(rows))))
+
+
+class Batch:
+    """The running rows of one (model, version) and their state, row-aligned."""
+
+    ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
+
+    def __init__(self, model: LoadedModel, budget: CallBudget) -> None:
+        self.model = model
+        self.budget = budget
+        self.rows: list[Row] = []
+        self.state: Any = None  # tf.Tensor (rows, S), None while empty
+        self.tokens = np.zeros(0, np.int32)  # the next token to feed each row
+        self.temperature = np.zeros(0, np.float32)
+        self.top_k = np.zeros(0, np.int32)
+        self.top_p = np.zeros(0, np.float32)
+        self.seed = np.zeros(0, np.int64)
+        self.position = np.zeros(0, np.int64)  # tokens generated so far
+        self.deadline = np.zeros(0, np.float64)
+        self.prompt_left = np.zeros(0, np.int64)  # prompt tokens still to feed after `tokens`
+        # Tensors reused from step to step while the rows do not change (a numpy -> tensor
+        # conversion costs about as much as a small model's step).
+        self.params_t: tuple[tf.Tensor, ...] | None = None  # (temperature, top_k, top_p, seed)
+        self.tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
+        self.want_logprobs = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sampling_tensors(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(temperature, top_k, top_p, seed) as tensors, converted once per change of rows."""
+        if self.params_t is None:
+            self.params_t = tuple(tf.constant(a) for a in (self.temperature, self.top_k, self.top_p, self.seed))
+            self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
+        return self.params_t
+
+    def tokens_tensor(self) -> tf.Tensor:
+        return self.tokens_t if self.tokens_t is not None else tf.constant(self.tokens)
+
+    def expired(self, now: float) -> list[Row]:
+        """Rows whose deadline has passed."""
+        return [self.rows[int(i)] for i in np.nonzero(self.deadline <= now)[0]] if self.rows else []
+
+    def join_riding(self, rows: list[Row]) -> None:
+        """New rows join with a zero state, feeding their prompt one token per step."""
+        n = len(rows)
+        first = np.array([r.request.prompt_ids[0] for r in rows], np.int32)
+        left = np.array([len(r.request.prompt_ids) - 1 for r in rows], np.int64)
+        self._append(rows, first, left, tf.zeros([n, self.model.state_size], tf.float32))
+
+    def join_prefilled(self, rows: list[Row], state: Any) -> None:
+        """Rows whose whole prompt went through ``prefill`` join with its state; their first token comes next."""
+        for row in rows:
+            row.cursor = len(row.request.prompt_ids)
+        n = len(rows)
+        self._append(rows, np.zeros(n, np.int32), np.zeros(n, np.int64), state)
+
+    def _append(self, rows: list[Row], first: np.ndarray, left: np.ndarray, state: Any) -> None:
+        requests = [r.request for r in rows]
+        add = {
+            "tokens": first,
+            "temperature": np.array([q.params.temperature for q in requests], np.float32),
+            "top_k": np.array([q.params.top_k for q in requests], np.int32),
+            "top_p": np.array([q.params.top_p for q in requests], np.float32),
+            "seed": np.array([as_int64(q.seed) for q in requests], np.int64),
+            "position": np.zeros(len(rows), np.int64),
+            "deadline": np.array([np.inf if q.deadline is None else q.deadline for q in requests], np.float64),
+            "prompt_left": left,
+        }
+        for name in self.ARRAYS:
+            setattr(self, name, np.concatenate([getattr(self, name), add[name]]))
+        self.state = state if self.state is None or not self.rows else tf.concat([self.state, state], 0)
+        self.rows.extend(rows)
+        self.params_t = self.tokens_t = None
+
+    def compact(self) -> None:
+        """Drop finished rows: one gather of the state, one fancy index per array."""
+        if not any(r.done for r in self.rows):
+            return
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        self.rows = [self.rows[i] for i in keep]
+        index = np.array(keep, np.int64)
+        for name in self.ARRAYS:
+            setattr(self, name, getattr(self, name)[index])
+        self.state = tf.gather(self.state, index) if keep else None
+        self.params_t = self.tokens_t = None
+
+    def feed_prompts(self) -> np.ndarray | None:
+        """After a one-step call: rows still reading their prompt get their next prompt token.
+
+        Returns the indices of the rows that generated a token in that step, or None when all did.
+        """
+        prompting = self.prompt_left > 0
+        if not prompting.any():
+            return None
+        for i in np.nonzero(prompting)[0]:
+            row = self.rows[int(i)]
+            self.tokens[i] = row.request.prompt_ids[row.cursor]
+            row.cursor += 1
+        self.prompt_left[prompting] -= 1
+        self.tokens_t = None
+        return np.nonzero(~prompting)[0]
+
+    def forced_prompts(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """For a K-step call: ``(forced[rows, k], left[rows])``, the prompt tokens each row is fed in the graph.
+
+        A row with ``n`` prompt tokens left is fed the next ``min(n, k)`` of them and generates
+        from step ``n`` on.
+        """
+        left = np.minimum(self.prompt_left, k).astype(np.int32)
+        forced = np.zeros((len(self.rows), k), np.int32)
+        for i in np.nonzero(left)[0].tolist():
+            row = self.rows[i]
+            forced[i, : left[i]] = row.request.prompt_ids[row.cursor : row.cursor + int(left[i])]
+        return forced, left
+
+    def advance_prompts(self, forced: np.ndarray, left: np.ndarray) -> None:
+        """After a K-step call: move each row's prompt cursor past what the call fed it."""
+        k = forced.shape[1]
+        for i in np.nonzero(left)[0].tolist():
+            self.rows[i].cursor += int(left[i])
+            if left[i] == k:  # read its prompt for the whole call: the last token it was given is fed next
+                self.tokens[i] = forced[i, k - 1]
+        self.prompt_left -= left
+        self.tokens_t = None  # self.tokens holds each row's next token
+
+    def record_sampled(self, ids: np.ndarray, which: np.ndarray | None) -> None:
+        """Sampled ids become the next tokens fed: for every row (``which`` None) or rows ``which``."""
+        if which is None:
+            self.tokens = ids.astype(np.int32, copy=True)
+            self.position += 1
+        elif len(which):
+            self.tokens[which] = ids[which]
+            self.position[which] += 1
