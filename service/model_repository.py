@@ -190,6 +190,21 @@ class ModelRepository:
         with self._lock:
             return any(self._serving.values())
 
+    def can_serve(self) -> bool:
+        """Readiness: the default model has a version serving (without a default model: any model has)."""
+        with self._lock:
+            if self.default_model:
+                return bool(self._serving.get(self.default_model))
+            return any(self._serving.values())
+
+    def why_not_serving(self) -> str:
+        """What ``can_serve`` misses, for the log."""
+        with self._lock:
+            loaded = self._describe()
+        if self.default_model:
+            return f"the default model {self.default_model!r} has no version loaded (loaded: {loaded})"
+        return f"no model is loaded from {self.models_dir!r}"
+
     def retiring(self) -> list[LoadedModel]:
         """Versions that take no new traffic but still have streams running."""
         with self._lock:
@@ -233,8 +248,12 @@ class ModelRepository:
         with self._scan_lock:
             changed = False
             on_disk = self._scan()
-            names = set(on_disk) | set(self._serving)
-            for name in sorted(names):
+            # Names on disk first, names gone after: a renamed model folder loads under its new
+            # name before the old one retires, so there is no moment with neither.
+            gone = sorted(set(self._serving) - set(on_disk))
+            for name in [*sorted(on_disk), *gone]:
+                if self._stop.is_set():
+                    break  # stopping: no more loads
                 changed |= self._sync_model(name, on_disk.get(name, []))
         if changed and self.on_change is not None:
             try:

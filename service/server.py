@@ -14,12 +14,13 @@ module globals, so tests run two servers in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -27,12 +28,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from service import prompt
 from service.allocator import set_mmap_threshold
 from service.api import textgen_pb2
 from service.auth import TokenAuthInterceptor, TokenFileError, TokenStore
 from service.config import ConfigError, ServerConfig, parse_config
 from service.decoder import configure_cpu_threads
-from service.engine import Engine, EngineConfig
+from service.engine import Engine
 from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
 from service.servicer import UNRESOLVED_MODEL, TextGenerationServicer, add_to_server
@@ -47,6 +49,13 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 LIVENESS_SERVICE = "textgen.liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the grace period, the time the handlers of streams the engine ended get to send their status.
+_STATUS_SECONDS = 1.0
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -78,23 +87,17 @@ class Server:
             on_change=self._models_changed,
             # The decode functions take any batch size (one trace); warming up the largest
             # batch too allocates its buffers before the first full step has to.
-            warmup_batch_sizes=sorted({1, 8, config.max_batch_size}),
+            warmup_batch_sizes=config.warmup_batch_sizes,
         )
-        self.engine = Engine(
-            EngineConfig(
-                max_concurrent=config.max_concurrent,
-                max_queue=config.max_queue,
-                max_batch_size=config.max_batch_size,
-                steps_per_call=config.steps_per_call,
-                call_budget=config.call_budget_ms / 1000.0,
-            ),
-            self.metrics,
-        )
+        self.engine = Engine(config.engine, self.metrics)
+        prompt.prepare()  # the Stream-Safe check's table, built before any request waits for it
         self.servicer = TextGenerationServicer(config, self.repository, self.engine, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # set while health says SERVING
+        self._serving = False
+        self._loader: threading.Thread | None = None
         self.health_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
@@ -170,13 +173,29 @@ class Server:
         self._tasks.append(asyncio.create_task(self._load_models(), name="textgen-load-models"))
 
     async def _load_models(self) -> None:
-        """Loads the repository in a worker thread, then lets it poll for new versions in its own thread."""
-        try:
-            await asyncio.to_thread(self.repository.load_all)
-        except Exception:
-            log.exception("loading models from %s failed", self.config.models)
+        """Loads the repository in a thread of its own, then lets it poll for new versions in its own thread.
+
+        The first load runs in a daemon thread, not the loop's executor: a SIGTERM during a long load
+        then drains and exits at once (``main`` leaves the load behind), where the executor would make
+        the process wait for the load to end.
+        """
+        loop = asyncio.get_running_loop()
+        loaded = loop.create_future()
+
+        def load() -> None:
+            try:
+                self.repository.load_all()
+            except Exception:
+                log.exception("loading models from %s failed", self.config.models)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed: the server has stopped
+                    loop.call_soon_threadsafe(_resolve, loaded)
+
+        self._loader = threading.Thread(target=load, name="textgen-model-load", daemon=True)
+        self._loader.start()
+        await loaded
         await self._update_readiness()
-        if not self.ready.is_set():
+        if not self._serving:
             log.error(
                 "no model could be loaded from %s; health stays NOT_SERVING%s",
                 self.config.models,
@@ -184,6 +203,11 @@ class Server:
             )
         if not self._stopping:
             self.repository.start_polling()
+
+    @property
+    def loading(self) -> bool:
+        """Whether the first load of the repository is still running."""
+        return self._loader is not None and self._loader.is_alive()
 
     def _count_unauthenticated(self, method: str) -> None:
         self.metrics.requests_total.labels(model=UNRESOLVED_MODEL, code="UNAUTHENTICATED").inc()
@@ -195,12 +219,21 @@ class Server:
             asyncio.run_coroutine_threadsafe(self._update_readiness(), loop)
 
     async def _update_readiness(self) -> None:
-        if self.ready.is_set() or self._stopping or not self.repository.has_model():
+        """Health follows whether the default model (without one: any model) can serve, both ways."""
+        if self._stopping:
             return
+        serving = self.repository.can_serve()
+        if serving == self._serving:
+            return
+        self._serving = serving
         for service in HEALTH_SERVICES:
-            await self.health.set(service, SERVING)
-        self.ready.set()
-        log.info("ready: serving %s", ", ".join(f"{m.name}/{m.version}" for m in self.repository.loaded()))
+            await self.health.set(service, SERVING if serving else NOT_SERVING)
+        if serving:
+            self.ready.set()
+            log.info("ready: serving %s", ", ".join(f"{m.name}/{m.version}" for m in self.repository.loaded()))
+        else:
+            self.ready.clear()
+            log.warning("not ready: %s", self.repository.why_not_serving())
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, new RPCs UNAVAILABLE, running streams get ``grace`` seconds."""
@@ -223,6 +256,12 @@ class Server:
         deadline = loop.time() + grace
         while (self.engine.active or self.engine.waiting) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self.engine.active or self.engine.waiting:
+            # The grace is over: the engine ends what is left, so each handler sends (and counts)
+            # UNAVAILABLE itself, rather than grpc cancelling the handlers (counted CANCELLED).
+            log.warning("the grace period is over: ending %d streams with UNAVAILABLE", self.engine.active)
+            await asyncio.to_thread(self.engine.stop, 5.0)
+            deadline = loop.time() + _STATUS_SECONDS
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         await asyncio.to_thread(self.engine.stop, 5.0)
@@ -244,8 +283,13 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
-    """Runs a server until ``stop`` is set (or SIGTERM/SIGINT arrives), then shuts it down gracefully."""
+async def serve(
+    config: ServerConfig, stop: asyncio.Event | None = None, started: Callable[[Server], None] | None = None
+) -> int:
+    """Runs a server until ``stop`` is set (or SIGTERM/SIGINT arrives), then shuts it down gracefully.
+
+    ``started`` is called with the server once it is built.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
@@ -254,6 +298,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     server = await asyncio.to_thread(Server, config)
+    if started is not None:
+        started(server)
     try:
         await server.start()
         # One line a supervisor (or a test) can read to find the bound ports.
@@ -309,11 +355,20 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         log.info(
             "TensorFlow uses %d intra-op thread(s); GIL switch interval %.1f ms", threads, GIL_SWITCH_INTERVAL * 1e3
         )
+    loading: list[Server] = []
     try:
-        return asyncio.run(serve(config))
+        code = asyncio.run(serve(config, started=loading.append))
     except OSError as exc:
         print(f"textgen serve: error: {exc}", file=sys.stderr)
         return 1
+    if loading and loading[0].loading:
+        # Stopped during the first load: TensorFlow cannot be interrupted, and a daemon thread
+        # inside it while the interpreter finalises can crash the exit. Leave it now.
+        log.warning("exiting while the first model load is still running")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import textgen_pb2
+from service.model_repository import ModelRepository
 from tests.service.conftest import RunningServer, make_config, wait_until
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = 40_000  # tokens: long enough that the stream outlives loading version 2
 
 
@@ -99,3 +105,77 @@ def test_versions_and_models_come_and_go_without_breaking_a_stream(
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         running.stop(grace=0)
+
+
+def _health(running: RunningServer, service: str) -> int:
+    with running.channel() as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status)
+
+
+def _all_health(running: RunningServer) -> set[int]:
+    return {_health(running, service) for service in ("", "textgen.v1.TextGeneration")}
+
+
+def test_readiness_goes_back_to_not_serving_when_the_only_model_leaves(tmp_path: Path, tiny_model_repo: Path) -> None:
+    models = tmp_path / "models"
+    (models / "tiny").mkdir(parents=True)
+    _copy_version(tiny_model_repo / "tiny" / "1", models, "tiny", 1)
+    running = RunningServer(make_config(models, poll_seconds=0.2))
+    try:
+        assert _all_health(running) == {SERVING}
+        os.rename(models / "tiny", tmp_path / "away")  # the only model leaves the repository
+        assert wait_until(lambda: _all_health(running) == {NOT_SERVING}, 30.0)
+        with running.client() as c, pytest.raises(grpc.RpcError) as caught:
+            c.complete("The ", max_tokens=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        os.rename(tmp_path / "away", models / "tiny")  # and comes back
+        assert wait_until(lambda: _all_health(running) == {SERVING}, 60.0)
+        with running.client() as c:
+            assert c.complete("The ", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        running.stop(grace=0)
+
+
+def test_readiness_follows_the_default_model(tmp_path: Path, tiny_model_repo: Path) -> None:
+    models = tmp_path / "models"
+    for name in ("main", "other"):
+        (models / name).mkdir(parents=True)
+        _copy_version(tiny_model_repo / "tiny" / "1", models, name, 1)
+    running = RunningServer(make_config(models, poll_seconds=0.2, default_model="main"))
+    try:
+        assert _all_health(running) == {SERVING}
+        shutil.rmtree(models / "main" / "1")  # another model still serves, but not the default one
+        assert wait_until(lambda: _all_health(running) == {NOT_SERVING}, 30.0)
+        with running.client() as c:
+            assert c.complete("The ", max_tokens=2, model="other").usage.completion_tokens == 2
+    finally:
+        running.stop(grace=0)
+
+
+def test_renaming_a_model_folder_loads_the_new_name_before_retiring_the_old(
+    tmp_path: Path, tiny_model_repo: Path
+) -> None:
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    _copy_version(tiny_model_repo / "tiny" / "1", models, "m", 1)
+    repo = ModelRepository(str(models))
+    repo.load_all()
+    seen: list[bool] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(repo.can_serve())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        os.rename(models / "m", models / "z")
+        assert repo.poll()
+    finally:
+        stop.set()
+        watcher.join()
+    assert [m.name for m in repo.loaded()] == ["z"]
+    assert seen and all(seen), "a moment with no model serving: the old name left before the new one loaded"

@@ -78,6 +78,11 @@ def test_every_field_has_a_flag_and_an_environment_variable() -> None:
         (["--grace-seconds", "nan"], {}, "--grace-seconds"),
         ([], {"TEXTGEN_MAX_QUEUE": "lots"}, "TEXTGEN_MAX_QUEUE"),
         ([], {"TEXTGEN_LOG_LEVEL": "loud"}, "--log-level"),
+        # Values the flag's consumer cannot hold: the API's uint32, gRPC's int32 and int32 milliseconds.
+        (["--max-tokens-limit", "4294967296"], {}, r"--max-tokens-limit must be <= 4294967295"),
+        (["--max-receive-message-bytes", "3000000000"], {}, r"--max-receive-message-bytes must be <= 2147483647"),
+        (["--max-connection-age", "1e10"], {}, r"--max-connection-age must be a number of seconds in \[0, 2147483\]"),
+        (["--steps-per-call", "2147483648"], {}, r"--steps-per-call must be <= 2147483647"),
     ],
 )
 def test_bad_config_values_name_the_flag_or_variable(argv: list[str], env: dict[str, str], needle: str) -> None:
@@ -102,6 +107,8 @@ def test_serve_rejects_bad_config_with_exit_code_2(capsys: pytest.CaptureFixture
 
     assert main(["--port", "-1"], environ={}) == 2
     assert "--port" in capsys.readouterr().err
+    assert main(["--max-receive-message-bytes", "3000000000"], environ={}) == 2  # gRPC's int32: no traceback
+    assert "--max-receive-message-bytes must be <= 2147483647" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- streaming and sampling

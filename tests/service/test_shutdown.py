@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def test_sigint_past_the_grace_period_cancels_what_is_left_and_exits_0(
         with pytest.raises(grpc.RpcError) as caught:
             for _ in responses:
                 pass
-    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), caught.value.details()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert server.proc.wait(timeout=60) == 0, server.log()
 
 
@@ -196,3 +197,41 @@ def test_in_process_shutdown_turns_health_not_serving_and_lets_the_stream_finish
     assert received[-1].usage.completion_tokens == n_tokens
     assert received[-1].finish_reason == textgen_pb2.FINISH_REASON_LENGTH
     shutdown.result(timeout=60)
+
+
+def test_streams_cut_at_the_end_of_the_grace_are_counted_as_the_client_saw_them(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    running = start_server(grace_seconds=0.5, max_tokens_limit=50000)
+    registry = running.server.metrics.registry
+    with running.client(timeout=120) as c:
+        stream = c.generate("The ", max_tokens=50000, temperature=1.0, seed=4)
+        next(stream)
+        shutdown = asyncio.run_coroutine_threadsafe(running.server.shutdown(), running.loop)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream:
+                pass
+    shutdown.result(timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    counted = {
+        code: registry.get_sample_value("textgen_requests_total", {"model": "tiny", "code": code}) or 0.0
+        for code in ("UNAVAILABLE", "CANCELLED")
+    }
+    assert counted == {"UNAVAILABLE": 1.0, "CANCELLED": 0.0}
+
+
+def test_sigterm_during_the_first_model_load_exits_without_waiting_for_it(
+    tmp_path: Path, tiny_model_repo: Path
+) -> None:
+    models = tmp_path / "many"
+    for i in range(40):  # loading 40 versions one after another takes far longer than a drain
+        shutil.copytree(tiny_model_repo / "tiny" / "1", models / f"m{i:02d}" / "1")
+    server = ServerProcess(models, tmp_path / "server.log", "--grace-seconds", "1")
+    try:
+        server.proc.send_signal(signal.SIGTERM)  # the port is bound; the first load has begun
+        assert server.proc.wait(timeout=60) == 0, server.log()
+        log = server.log()
+        assert "exiting while the first model load is still running" in log, log
+        assert "ready: serving" not in log
+    finally:
+        server.close()
