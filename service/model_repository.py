@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from service.decoder import Decoder, configure_devices
 from service.metrics import ServingMetrics
+from service.prompt import echo
 from training.check import check_version, failure_reason
 from training.contract import is_visible_model_name, list_versions
 from training.tokenizer import Tokenizer
@@ -231,11 +232,13 @@ class ModelRepository:
                     )
             versions = serving.get(name)
             if not versions:
-                raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {self._describe()}")
+                raise ModelNotFoundError(f"model {echo(name)} is not loaded; loaded: {self._describe()}")
             if version == 0:
                 return versions[max(versions)]
             if version not in versions:
-                raise ModelNotFoundError(f"model {name!r} version {version} is not loaded; loaded: {self._describe()}")
+                raise ModelNotFoundError(
+                    f"model {echo(name)} version {version} is not loaded; loaded: {self._describe()}"
+                )
             return versions[version]
 
     # ------------------------------------------------------------ loading

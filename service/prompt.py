@@ -6,6 +6,8 @@ prompt or stop sequence with more than ``MAX_NONSTARTERS`` combining marks in a 
 as the Stream-Safe Text Format of Unicode UAX #15 bounds them, and normalisation then costs time
 linear in the text. The check is one regular-expression scan (C speed).
 
+Status messages quote a client's strings through ``echo``, cut to ``MAX_ECHO_CHARS``.
+
 Encoding runs on the event loop only for prompts of at most ``INLINE_ENCODE_CHARS`` characters
 (a bounded cost); longer prompts are encoded in a worker thread, so no event loop spends time
 that grows with a client's input.
@@ -24,6 +26,9 @@ from training.tokenizer import Tokenizer
 
 MAX_NONSTARTERS = 30  # UAX #15, Stream-Safe Text Format
 INLINE_ENCODE_CHARS = 1024
+# A status message quotes at most this many characters of a client's string: gRPC carries the
+# message in a trailer, and a client's metadata limit (8 KiB by default) must never be passed.
+MAX_ECHO_CHARS = 64
 
 
 class UnsafeTextError(ValueError):
@@ -71,6 +76,13 @@ async def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     if len(prompt) <= INLINE_ENCODE_CHARS:
         return encode_checked(tokenizer, prompt)
     return await asyncio.get_running_loop().run_in_executor(None, encode_checked, tokenizer, prompt)
+
+
+def echo(text: str) -> str:
+    """A client's string as an error message quotes it: ``repr``, cut to MAX_ECHO_CHARS characters."""
+    if len(text) <= MAX_ECHO_CHARS:
+        return repr(text)
+    return f"{text[:MAX_ECHO_CHARS]!r}... ({len(text)} characters)"
 
 
 def normalize_stops(tokenizer: Tokenizer, stops: Sequence[str]) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from service import client as client_cli
 from service.api import textgen_pb2
 from service.client import TextGenClient
 from service.config import ConfigError, ServerConfig, parse_config
+from service.prompt import MAX_ECHO_CHARS
 from service.server import SERVICE_NAME, grpc_options
 from tests.service.conftest import RunningServer, wait_until
 from training.tokenizer import Tokenizer
@@ -446,3 +447,13 @@ def test_textgen_generate_with_target_and_model_name_goes_to_the_server(
     argv = ["generate", "--target", serving.target, "--model", "tiny", "--max-tokens", "12", "--temperature", "0"]
     assert textgen([*argv, "--quiet", "The "]) == 0
     assert capsys.readouterr().out == client.complete("The ", max_tokens=12, temperature=0).text + "\n"
+
+
+def test_a_long_unknown_model_name_is_not_found_with_the_name_cut_short(client: TextGenClient) -> None:
+    name = "m" * 20_000  # echoed whole, the status trailer passed the client's metadata limit
+    with pytest.raises(grpc.RpcError) as caught:
+        client.complete("The ", max_tokens=2, model=name)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    details = caught.value.details()
+    assert f"model {'m' * MAX_ECHO_CHARS!r}... (20000 characters) is not loaded" in details
+    assert len(details) < 1000
