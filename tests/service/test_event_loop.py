@@ -20,6 +20,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.api import textgen_pb2_grpc
+from service.client import build_request
 from tests.service.conftest import RunningServer, make_config, wait_until
 
 LOOP_THREAD = "test-server-loop"
@@ -90,10 +92,10 @@ def _traffic(running: RunningServer) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 client.complete("The ", **params)
             assert info.value.code() == code
-        cancelled = client.generate("The ", max_tokens=5000, seed=3)
-        next(cancelled)
-        cancelled.close()  # cancels the call: the row leaves the batch
     with running.channel() as channel:
+        cancelled = textgen_pb2_grpc.TextGenerationStub(channel).Generate(build_request("The ", max_tokens=5000))
+        next(cancelled)
+        cancelled.cancel()  # the row leaves the batch
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     for t in threads:
