@@ -212,7 +212,8 @@ _HELP = {
     "poll_seconds": "how often the model repository is checked for new versions (0 = never)",
     "keep_versions": "loaded versions kept per model (the newest N)",
     "max_connection_age": "seconds before a client connection is asked to reconnect, for load balancing (0 = off)",
-    "request_timeout": "deadline for a request that has none, in seconds (0 = none)",
+    "request_timeout": "longest a request may run, in seconds: its deadline if it has none, a cap on a later "
+    "one (0 = none)",
     "stream_write_timeout": "seconds a streamed message may wait for a client that does not read it; the stream then "
     "ends RESOURCE_EXHAUSTED and its sequence leaves the batch (0 = wait forever)",
     "max_receive_message_bytes": "largest request message gRPC accepts, in bytes (larger: RESOURCE_EXHAUSTED)",
