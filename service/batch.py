@@ -2,9 +2,10 @@
 
 A ``Batch`` keeps one entry per running sequence in row-aligned NumPy arrays (next token to feed,
 sampling parameters, position, deadline, prompt tokens still to read) and one state tensor
-``(rows, S)``. Rows join at the end (``join_riding``: a zero state, their prompt fed one token per
-step; ``join_prefilled``: a state from ``prefill``) and finished rows leave in one gather
-(``compact``), so the state is copied once per change, never per step.
+``(rows, S)``. Rows join at the end with a zero state (``join_riding``) and finished rows leave in
+one gather (``compact``), so the state is copied once per change, never per step. A row reads its
+prompt either in slices (``prompt_slice``, ``advance_slice``: while no row of the batch generates)
+or riding in the decode batch, one token per step (``feed_prompts``, ``forced_prompts``).
 
 ``CallBudget`` decides how many decode steps one model call makes (K): ``steps_per_call``, cut so
 that a call takes at most ``call_budget`` seconds by the batch's measured step time. It is plain
@@ -152,13 +153,6 @@ class Batch:
         left = np.array([len(r.request.prompt_ids) - 1 for r in rows], np.int64)
         self._append(rows, first, left, tf.zeros([n, self.model.state_size], tf.float32))
 
-    def join_prefilled(self, rows: list[Row], state: Any) -> None:
-        """Rows whose whole prompt went through ``prefill`` join with its state; their first token comes next."""
-        for row in rows:
-            row.cursor = len(row.request.prompt_ids)
-        n = len(rows)
-        self._append(rows, np.zeros(n, np.int32), np.zeros(n, np.int64), state)
-
     def _append(self, rows: list[Row], first: np.ndarray, left: np.ndarray, state: Any) -> None:
         requests = [r.request for r in rows]
         add = {
@@ -188,6 +182,45 @@ class Batch:
             setattr(self, name, getattr(self, name)[index])
         self.state = tf.gather(self.state, index) if keep else None
         self.params_t = self.tokens_t = None
+
+    def reading(self) -> bool:
+        """Whether no row has generated yet: every row is still reading its prompt (the batch may read slices).
+
+        A reading row's unread prompt is ``prompt_ids[cursor - 1:]``: ``tokens`` holds its first
+        token, ``prompt_left`` counts the rest, and the state is the one after the tokens before.
+        """
+        return bool(self.rows) and not self.position.any()
+
+    def unread_from_start(self) -> bool:
+        """Whether no row has read any prompt token yet (every state is the zero start state)."""
+        return all(row.cursor == 1 for row in self.rows)
+
+    def prompt_slice(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next slice of every reading row's prompt: ``(tokens[rows, T], lengths[rows])``, T <= ``limit``.
+
+        Each row gives its next ``min(unread, limit)`` prompt tokens, right-padded with 0.
+        """
+        lengths = np.minimum(self.prompt_left + 1, limit).astype(np.int32)
+        tokens = np.zeros((len(self.rows), int(lengths.max())), np.int32)
+        for i, row in enumerate(self.rows):
+            start = row.cursor - 1
+            tokens[i, : lengths[i]] = row.request.prompt_ids[start : start + int(lengths[i])]
+        return tokens, lengths
+
+    def advance_slice(self, lengths: np.ndarray) -> np.ndarray:
+        """After a slice call: move each row past what it read; returns the rows that read their whole prompt.
+
+        Those generate next: the call's sample is their first token (``record_sampled``).
+        """
+        finished = lengths > self.prompt_left
+        for i, row in enumerate(self.rows):
+            prompt = row.request.prompt_ids
+            row.cursor = min(row.cursor + int(lengths[i]), len(prompt))
+            if not finished[i]:
+                self.tokens[i] = prompt[row.cursor - 1]
+        self.prompt_left = np.where(finished, 0, self.prompt_left - lengths)
+        self.tokens_t = None
+        return np.nonzero(finished)[0]
 
     def feed_prompts(self) -> np.ndarray | None:
         """After a one-step call: rows still reading their prompt get their next prompt token.

@@ -1,11 +1,13 @@
 """A checked version's decode functions: its ``step`` or ``prefill`` signature and the sampler in one graph.
 
-``Decoder`` turns a version that passed ``training.check.check_version`` into the three functions
+``Decoder`` turns a version that passed ``training.check.check_version`` into the functions
 the engine runs, each one ``tf.function`` so logits never leave the device:
 
 * ``decode``: one step for every row, then the in-graph sampler (``training/sampler.py``);
 * ``decode_steps``: K of those in one ``tf.while_loop``, rows still reading their prompt fed it;
-* ``prefill``: whole right-padded prompts through ``prefill``, then the sampler.
+* ``prefill``: right-padded prompts through ``prefill``, then the sampler;
+* ``prefill_from``: the same from given states, through ``prefill_from`` (contract version 2;
+  ``has_prefill_from`` says whether the version has it).
 
 Each is traced once (batch ``None``) and called as a concrete function: that skips
 ``tf.function``'s argument dispatch, which costs more than a small model's whole step on a CPU.
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 DECODE = "decode"
 DECODE_STEPS = "decode_steps"
 PREFILL = "prefill"
+PREFILL_FROM = "prefill_from"
 WARMUP_STEPS = 2  # decode_steps warms up with K > 1 and some rows reading a prompt
 
 _configured = threading.Lock()
@@ -70,9 +73,10 @@ def configure_devices() -> str:
 
 
 def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
-    """The three sampler-fused functions over the version's signatures, as concrete functions."""
+    """The sampler-fused functions over the version's signatures, as concrete functions."""
     step_fn = checked.step
     prefill_fn = checked.prefill
+    prefill_from_fn = checked.prefill_from
     # step's inputs (tokens[B], state[B,S]), then the sampler's per-row parameters
     decode_signature = [*input_specs(contract.STEP), *SAMPLER_SIGNATURE[1:]]
 
@@ -118,17 +122,27 @@ def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
         _, _, state, ids_ta, logprobs_ta = tf.while_loop(lambda i, *_: i < steps, body, loop_vars)
         return ids_ta.stack(), logprobs_ta.stack(), state  # (k, b), (k, b), (b, S)
 
-    return {
+    functions = {
         DECODE: _decode.get_concrete_function(),
         PREFILL: _prefill.get_concrete_function(),
         DECODE_STEPS: _decode_steps.get_concrete_function(),
     }
+    if prefill_from_fn is not None:
+        # prefill_from's inputs (tokens[B,T], lengths[B], state[B,S]), then the sampler's per-row parameters
+        @tf.function(input_signature=[*input_specs(contract.PREFILL_FROM), *SAMPLER_SIGNATURE[1:]])
+        def _prefill_from(tokens, lengths, state, temperature, top_k, top_p, seed, position):  # type: ignore[no-untyped-def]
+            out = prefill_from_fn(tokens=tokens, lengths=lengths, state=state)
+            ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
+            return ids, logprobs, out["state"]
+
+        functions[PREFILL_FROM] = _prefill_from.get_concrete_function()
+    return functions
 
 
 class Decoder:
     """One version's typed decode functions; every argument and result is a ``tf.Tensor``.
 
-    The sampler's per-row parameters, shared by all three: ``temperature`` float32[B] (0 = greedy),
+    The sampler's per-row parameters, shared by all of them: ``temperature`` float32[B] (0 = greedy),
     ``top_k`` int32[B] (0 = off), ``top_p`` float32[B] (1 = off), ``seed`` int64[B] and
     ``position`` int64[B] (which draw of the row's stream this is). A row's draw depends only on its
     own logits, parameters, seed and position, never on its batch-mates.
@@ -140,6 +154,7 @@ class Decoder:
         self._decode = self._functions[DECODE]
         self._prefill = self._functions[PREFILL]
         self._decode_steps = self._functions[DECODE_STEPS]
+        self._prefill_from = self._functions.get(PREFILL_FROM)
         self._warmed: set[tuple[str, int]] = set()
 
     @classmethod
@@ -154,8 +169,13 @@ class Decoder:
 
     @property
     def functions(self) -> dict[str, ConcreteFunction]:
-        """The concrete functions by name (``decode``, ``decode_steps``, ``prefill``)."""
+        """The concrete functions by name (``decode``, ``decode_steps``, ``prefill``, and ``prefill_from``)."""
         return dict(self._functions)
+
+    @property
+    def has_prefill_from(self) -> bool:
+        """Whether the version has ``prefill_from`` (contract version 2), so a prompt can be read in slices."""
+        return self._prefill_from is not None
 
     @property
     def warmed(self) -> frozenset[tuple[str, int]]:
@@ -222,6 +242,26 @@ class Decoder:
         """
         return self._prefill(tokens, lengths, temperature, top_k, top_p, seed, position)
 
+    def prefill_from(
+        self,
+        tokens: tf.Tensor,
+        lengths: tf.Tensor,
+        state: tf.Tensor,
+        temperature: tf.Tensor,
+        top_k: tf.Tensor,
+        top_p: tf.Tensor,
+        seed: tf.Tensor,
+        position: tf.Tensor,
+    ) -> Decoded:
+        """``prefill`` from ``state`` float32[B,S] (each row's state after what it read before) instead of zeros.
+
+        Same results as ``prefill``: the state after each row's last token of ``tokens`` and one
+        sampled token per row. ``ValueError`` when the version has no ``prefill_from``.
+        """
+        if self._prefill_from is None:
+            raise ValueError(f"{self.checked.path} has no prefill_from signature (contract version 1)")
+        return self._prefill_from(tokens, lengths, state, temperature, top_k, top_p, seed, position)
+
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every function once at each batch size (``decode_steps`` with K > 1, half its rows forced)."""
         start = self.checked.tokenizer.start_ids[0]
@@ -234,6 +274,9 @@ class Decoder:
             self._warmed.add((DECODE, batch))
             self.prefill(tf.fill([batch, 2], start), tf.fill([batch], 2), *params)
             self._warmed.add((PREFILL, batch))
+            if self.has_prefill_from:
+                self.prefill_from(tf.fill([batch, 2], start), tf.fill([batch], 2), state, *params)
+                self._warmed.add((PREFILL_FROM, batch))
             left = tf.constant((np.arange(batch) % 2 == 0).astype(np.int32))  # rows 0, 2, ... read a prompt token
             self.decode_steps(
                 tf.fill([batch], start),

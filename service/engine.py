@@ -13,10 +13,12 @@ Continuous batching. Each iteration of the engine thread
 
 Prompts ride in the decode batch: for an LSTM a prompt token costs exactly one step, so a row feeds
 its next prompt token instead of its last sample, and its samples are ignored until the prompt is
-consumed; running streams never stall behind a long prompt. When a (model, version) has no running
-row, its waiting prompts are prefilled together with the ``prefill`` signature (nobody is stalled
-then). The asyncio side never runs TensorFlow: ``submit`` takes an encoded prompt and only queues,
-and ``Stream.next_chunk`` only reads what the engine accumulated.
+consumed; running streams never stall behind a long prompt. While no row of a (model, version)
+generates, its prompts are read together in slices of at most ``PREFILL_SLICE`` tokens per row, one
+slice per call (``prefill``, then ``prefill_from``), so a cancel or deadline frees a row within one
+bounded call; a version without ``prefill_from`` (contract version 1) reads the first slice and the
+rest rides. The asyncio side never runs TensorFlow: ``submit`` takes an encoded prompt and only
+queues, and ``Stream.next_chunk`` only reads what the engine accumulated.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from service.batch import Batch, CallBudget, Request, Row, as_int64
+from service.batch import Batch, CallBudget, Request, Row
 from service.config import EngineConfig
 from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel
@@ -41,6 +43,10 @@ from service.sampling import SamplingParams
 from service.stream import FinishReason, LoopWaker, Stream, WakerThread
 
 log = logging.getLogger(__name__)
+
+# The most prompt tokens per row one prefill call reads while no row generates: a call's length, and
+# so how late a cancel or deadline can free a row, is bounded by this many steps of the fused layers.
+PREFILL_SLICE = 256
 
 
 class CapacityError(Exception):
@@ -104,7 +110,9 @@ class Engine:
         self._turn = 0
         # Counters for tests and benchmarks (engine thread writes, anyone reads).
         self.steps = 0  # batched decode/prefill steps made (a call of K steps counts K)
-        self.calls = 0  # model calls made (decode, K-step decode, prefill)
+        self.calls = 0  # model calls made (decode, K-step decode, prefill slices)
+        self.slices = 0  # prefill and prefill_from calls made (prompt slices read)
+        self.widest_slice = 0  # the most prompt tokens one slice call read for a row (at most PREFILL_SLICE)
         self.tokens = 0  # tokens delivered to streams
         self.decode_seconds = 0.0  # inside the decode/prefill calls, host copy of the ids included
         self.busy_seconds = 0.0  # whole iterations: decode calls plus the engine's own Python work
@@ -286,11 +294,7 @@ class Engine:
             self._finish(row.request, FinishReason.DEADLINE, now)
         batch.compact()
         if new_rows:
-            if not batch.rows:
-                self._prefill(batch, new_rows)
-            else:
-                batch.join_riding(new_rows)
-            batch.compact()  # rows finished by their first token (max_tokens 1, a stop)
+            batch.join_riding(new_rows)
         if not batch.rows:
             self._batches.pop(batch.model, None)
             return
@@ -299,7 +303,9 @@ class Engine:
         self._flush_wakeups()
         started = time.perf_counter()
         k = batch.budget.steps(len(batch))
-        if k > 1 and not self._waiting:
+        if batch.reading() and (batch.model.decoder.has_prefill_from or batch.unread_from_start()):
+            self._call_slice(batch, started)
+        elif k > 1 and not self._waiting:
             self._call_steps(batch, k, started)
         else:
             self._call_step(batch, started)
@@ -356,30 +362,30 @@ class Engine:
                 done[live] = [batch.rows[i].done for i in live.tolist()]
         batch.advance_prompts(forced, left)
 
-    def _prefill(self, batch: Batch, new_rows: list[Row]) -> None:
-        """No row is running: prefill all new prompts in one call (right-padded) and sample their first tokens."""
-        self._flush_wakeups()
-        requests = [r.request for r in new_rows]
-        n = len(requests)
-        lengths = np.array([len(q.prompt_ids) for q in requests], np.int32)
-        tokens = np.zeros((n, int(lengths.max())), np.int32)
-        for i, request in enumerate(requests):
-            tokens[i, : lengths[i]] = request.prompt_ids
-        started = time.perf_counter()
-        ids_t, logprobs_t, state = batch.model.decoder.prefill(
-            tf.constant(tokens),
-            tf.constant(lengths),
-            tf.constant(np.array([q.params.temperature for q in requests], np.float32)),
-            tf.constant(np.array([q.params.top_k for q in requests], np.int32)),
-            tf.constant(np.array([q.params.top_p for q in requests], np.float32)),
-            tf.constant(np.array([as_int64(q.seed) for q in requests], np.int64)),
-            tf.zeros([n], tf.int64),
-        )
+    def _call_slice(self, batch: Batch, started: float) -> None:
+        """No row generates: read the next ``PREFILL_SLICE`` prompt tokens of every row in one call.
+
+        The first slice goes through ``prefill`` (every state is zero), the next through
+        ``prefill_from``. Rows whose prompt ends in the slice get its sample as their first token;
+        the others ignore it and read on at the next call, after cancels and deadlines are seen.
+        """
+        decoder = batch.model.decoder
+        tokens, lengths = batch.prompt_slice(PREFILL_SLICE)
+        params = batch.sampling_tensors()
+        position = tf.constant(batch.position)
+        if batch.unread_from_start():
+            ids_t, logprobs_t, state = decoder.prefill(tf.constant(tokens), tf.constant(lengths), *params, position)
+        else:
+            ids_t, logprobs_t, state = decoder.prefill_from(
+                tf.constant(tokens), tf.constant(lengths), batch.state, *params, position
+            )
+        batch.state = state
         ids = ids_t.numpy()
-        logprobs = logprobs_t.numpy()
-        self._record_call(batch, 1, n, time.perf_counter() - started, timed=False)
-        batch.join_prefilled(new_rows, state)
-        self._deliver(batch, ids, logprobs, None)
+        logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(len(ids), np.float32)
+        self._record_call(batch, 1, len(batch), time.perf_counter() - started, timed=False)
+        self.slices += 1
+        self.widest_slice = max(self.widest_slice, tokens.shape[1])
+        self._deliver(batch, ids, logprobs, batch.advance_slice(lengths))
 
     def _record_call(self, batch: Batch, k: int, rows: int, elapsed: float, timed: bool = True) -> None:
         """The one place that accounts for a model call: counters, the call budget's timing, metrics."""

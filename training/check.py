@@ -4,7 +4,8 @@
 (``service/model_repository.py`` calls it), so a job that writes a version can run the same check
 before publishing it. It loads the SavedModel, checks the assets and signatures against
 ``training/contract.py``, and makes one real ``prefill`` and ``step`` call to find the vocabulary
-size V and the state size S.
+size V and the state size S; when the version has ``prefill_from`` (required from contract
+version 2), two real calls check that it continues ``prefill``.
 
 ``DIR`` is a version folder (``models/tiny/3``) or a model folder, whose every version is
 checked. One line per version; exit 0 when all pass, 2 when any fails (or a folder is missing).
@@ -25,7 +26,9 @@ from tensorflow.types.experimental import ConcreteFunction
 from training.contract import (
     ASSETS_DIR,
     MODEL_ASSET,
+    PREFILL_FROM,
     SAVED_MODEL_FILE,
+    SIGNATURE_SINCE,
     SIGNATURES,
     TOKENIZER_ASSET,
     ContractError,
@@ -35,11 +38,14 @@ from training.contract import (
     is_version_name,
     list_versions,
     read_json_asset,
+    required_signatures,
 )
 from training.tf_runtime import add_log_level_flag
 from training.tokenizer import Tokenizer
 
 _REASON_CHARS = 500
+# How far prefill_from's logits may be from prefill's for the same tokens (relative to the largest logit).
+_CONTINUE_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,12 @@ class CheckedVersion:
     info: dict[str, Any]  # assets/model.json
     vocab_size: int  # V
     state_size: int  # S
+    # prefill_from(tokens=int32[B,T], lengths=int32[B], state=float32[B,S]) -> {logits, state}; None before contract 2
+    prefill_from: ConcreteFunction | None = None
 
     @property
     def signature_names(self) -> list[str]:
-        """Every signature the SavedModel exports (the contract's two at least)."""
+        """Every signature the SavedModel exports (``prefill`` and ``step`` at least)."""
         return sorted(self.saved.signatures)
 
 
@@ -121,10 +129,14 @@ def check_version(path: str) -> CheckedVersion:
     check_model_info(info)
     saved = tf.saved_model.load(path)
     signatures = getattr(saved, "signatures", {})
+    required = required_signatures(info["contract_version"])
     for sig in SIGNATURES:
-        if sig.name not in signatures:
-            raise ContractError(f"signature {sig.name!r} is missing (found {sorted(signatures)})")
-        _check_signature(signatures[sig.name], sig)
+        if sig.name in signatures:
+            _check_signature(signatures[sig.name], sig)
+        elif sig in required:
+            since = SIGNATURE_SINCE[sig.name]
+            needs = f"; contract version {info['contract_version']} requires it" if since > 1 else ""
+            raise ContractError(f"signature {sig.name!r} is missing (found {sorted(signatures)}){needs}")
     prefill, step = signatures["prefill"], signatures["step"]
 
     # A real call finds V and S and proves the variables are there.
@@ -149,7 +161,34 @@ def check_version(path: str) -> CheckedVersion:
         )
     if not np.isfinite(stepped["logits"].numpy()).all():
         raise ContractError("step returned non-finite logits from the start state")
-    return CheckedVersion(path, saved, prefill, step, tokenizer, info, vocab_size, state_size)
+    prefill_from = signatures.get(PREFILL_FROM.name)
+    if prefill_from is not None:
+        _check_prefill_from(prefill, prefill_from, tokenizer.start_ids[0], state_size)
+    return CheckedVersion(path, saved, prefill, step, tokenizer, info, vocab_size, state_size, prefill_from)
+
+
+def _check_prefill_from(prefill: ConcreteFunction, prefill_from: ConcreteFunction, token: int, state_size: int) -> None:
+    """``prefill_from`` from a zero state is ``prefill``, and from ``prefill(p).state`` it reads on after ``p``."""
+    one, ones = tf.constant([[token]], tf.int32), tf.constant([1], tf.int32)
+    first = prefill(tokens=one, lengths=ones)
+    both = prefill(tokens=tf.constant([[token, token]], tf.int32), lengths=tf.constant([2], tf.int32))
+    cases = (
+        ("a zero state", prefill_from(tokens=one, lengths=ones, state=tf.zeros([1, state_size])), first),
+        ("prefill's state", prefill_from(tokens=one, lengths=ones, state=first["state"]), both),
+    )
+    for start, got, want in cases:
+        if tuple(got["state"].shape) != (1, state_size) or got["logits"].shape != want["logits"].shape:
+            raise ContractError(
+                f"prefill_from returned logits {tuple(got['logits'].shape)} and state {tuple(got['state'].shape)}, "
+                f"expected {tuple(want['logits'].shape)} and (1, {state_size})"
+            )
+        got_logits, want_logits = got["logits"].numpy(), want["logits"].numpy()
+        gap = float(np.max(np.abs(got_logits - want_logits))) if np.isfinite(got_logits).all() else float("inf")
+        if not gap <= _CONTINUE_TOLERANCE * max(1.0, float(np.max(np.abs(want_logits)))):
+            raise ContractError(
+                f"prefill_from from {start} does not continue prefill: its logits differ by {gap:.3g} "
+                f"(tolerance {_CONTINUE_TOLERANCE} of the largest logit)"
+            )
 
 
 def describe(checked: CheckedVersion) -> str:

@@ -21,7 +21,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-CONTRACT_VERSION = 1
+# The contract version ``training/export.py`` writes; a loader reads every version in CONTRACT_VERSIONS.
+# Version 2 adds the ``prefill_from`` signature; version 1 exports (without it) stay valid.
+CONTRACT_VERSION = 2
+CONTRACT_VERSIONS = (1, 2)
 
 SAVED_MODEL_FILE = "saved_model.pb"
 ASSETS_DIR = "assets"
@@ -82,13 +85,29 @@ STEP = Signature(
     inputs=(TensorSpec("tokens", "int32", ("B",)), TensorSpec("state", "float32", ("B", "S"))),
     outputs=OUTPUTS,
 )
-# In the order a loader checks them.
-SIGNATURES = (STEP, PREFILL)
+PREFILL_FROM = Signature(
+    "prefill_from",
+    inputs=(
+        TensorSpec("tokens", "int32", ("B", "T")),
+        TensorSpec("lengths", "int32", ("B",)),
+        TensorSpec("state", "float32", ("B", "S")),
+    ),
+    outputs=OUTPUTS,
+)
+# Every signature the contract names, in the order a loader checks them.
+SIGNATURES = (STEP, PREFILL, PREFILL_FROM)
+# The contract version from which each signature is required; a version that has one earlier is checked too.
+SIGNATURE_SINCE = {STEP.name: 1, PREFILL.name: 1, PREFILL_FROM.name: 2}
 
 # The keys export writes to model.json (``textgen train`` adds its training facts beside them).
 MODEL_INFO_KEYS = ("contract_version", "architecture", "state_size", "step_input_table", "level", "created_at")
 # The keys a loader requires: which contract the version meets, and its state size S.
 REQUIRED_MODEL_INFO_KEYS = ("contract_version", "state_size")
+
+
+def required_signatures(contract_version: int) -> tuple[Signature, ...]:
+    """The signatures an export of ``contract_version`` must have (``prefill_from`` from version 2)."""
+    return tuple(sig for sig in SIGNATURES if SIGNATURE_SINCE[sig.name] <= contract_version)
 
 
 def is_version_name(name: str) -> bool:
@@ -141,14 +160,15 @@ def read_json_asset(version_dir: str, asset: str) -> dict[str, Any]:
 
 
 def check_model_info(info: dict[str, Any]) -> None:
-    """``ContractError`` unless model.json has the required keys and names this contract version."""
+    """``ContractError`` unless model.json has the required keys and names a contract version this textgen reads."""
     where = f"{ASSETS_DIR}/{MODEL_ASSET}"
     missing = [key for key in REQUIRED_MODEL_INFO_KEYS if key not in info]
     if missing:
         raise ContractError(f"{where} lacks {', '.join(missing)} (required: {', '.join(REQUIRED_MODEL_INFO_KEYS)})")
     version = info["contract_version"]
-    if version != CONTRACT_VERSION or isinstance(version, bool):
-        raise ContractError(f"{where} contract_version is {version!r}; this textgen reads {CONTRACT_VERSION}")
+    if version not in CONTRACT_VERSIONS or not isinstance(version, int) or isinstance(version, bool):
+        readable = " or ".join(str(v) for v in CONTRACT_VERSIONS)
+        raise ContractError(f"{where} contract_version is {version!r}; this textgen reads {readable}")
     state_size = info["state_size"]
     if not isinstance(state_size, int) or isinstance(state_size, bool) or state_size < 1:
         raise ContractError(f"{where} state_size is {state_size!r}, needs a positive integer")

@@ -2,11 +2,14 @@
 
 The contract (docs/contract.md explains it; ``training/contract.py`` names its parts):
 
-``<base>/<version>/`` holds a SavedModel with two signatures, batch ``None``:
+``<base>/<version>/`` holds a SavedModel with three signatures, batch ``None``:
 
 * ``prefill(tokens int32[B,T], lengths int32[B]) -> {logits float32[B,V], state float32[B,S]}``
   runs right-padded prompts through the fused recurrent layers and returns the
   state after each row's last real token and the logits for the next token;
+* ``prefill_from(tokens int32[B,T], lengths int32[B], state float32[B,S]) -> {logits, state}``
+  is ``prefill`` starting from the given state (contract version 2; ``prefill`` is
+  ``prefill_from`` from a zero state), so a long prompt can be read in slices;
 * ``step(tokens int32[B], state float32[B,S]) -> {logits float32[B,V], state float32[B,S]}``
   advances every row by one token;
 
@@ -34,8 +37,10 @@ from training.check import input_specs
 from training.contract import (
     ASSETS_DIR,
     CONTRACT_VERSION,
+    CONTRACT_VERSIONS,
     MODEL_ASSET,
     PREFILL,
+    PREFILL_FROM,
     STEP,
     TOKENIZER_ASSET,
     asset_path,
@@ -48,7 +53,7 @@ from training.tokenizer import Tokenizer
 
 
 class ServingModule(tf.Module):
-    """The ``prefill`` and ``step`` functions over a trained Keras model's layers.
+    """The ``prefill``, ``prefill_from`` and ``step`` functions over a trained Keras model's layers.
 
     ``step`` gathers the first layer's input projection from a table built here
     when it fits (``fused_step.py``); ``folded`` says whether it did.
@@ -74,14 +79,25 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=input_specs(PREFILL))
     def prefill(self, tokens: tf.Tensor, lengths: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._read(tokens, lengths, None)
+
+    @tf.function(input_signature=input_specs(PREFILL_FROM))
+    def prefill_from(self, tokens: tf.Tensor, lengths: tf.Tensor, state: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._read(tokens, lengths, unpack_state(state, self.config))
+
+    def _read(
+        self, tokens: tf.Tensor, lengths: tf.Tensor, initial: list[list[tf.Tensor]] | None
+    ) -> dict[str, tf.Tensor]:
+        """Right-padded prompts through the fused layers, from ``initial`` per-layer states (None: zeros)."""
         lengths = tf.clip_by_value(lengths, 1, tf.shape(tokens)[1])
         mask = tf.sequence_mask(lengths, maxlen=tf.shape(tokens)[1])  # (b, t)
         x = self._embedding(tokens)  # (b, t, e)
         states: list[tf.Tensor] = []
-        for rnn in self._rnns:
+        for i, rnn in enumerate(self._rnns):
             # Masked steps carry the state through, so each row's final state
             # is the one after its last real token (right padding is inert).
-            outputs = rnn(x, mask=mask, training=False)
+            start = None if initial is None else [tf.cast(s, rnn.compute_dtype) for s in initial[i]]
+            outputs = rnn(x, mask=mask, initial_state=start, training=False)
             x = outputs[0]  # (b, t, units)
             states.extend(outputs[1:])
         last = tf.gather(x, lengths - 1, axis=1, batch_dims=1)  # (b, units)
@@ -118,29 +134,32 @@ def export_version(
     metadata: dict[str, Any],
     *,
     before_rename: Callable[[str], None] | None = None,
+    contract_version: int = CONTRACT_VERSION,
 ) -> str:
     """Write the next version of ``base_dir`` and return its path.
 
     ``before_rename`` is called with the temporary folder once everything is
     written (tests use it to fail mid-export); on any error the temporary
-    folder is removed and no numbered folder appears.
+    folder is removed and no numbered folder appears. ``contract_version`` 1
+    writes an export without ``prefill_from``.
     """
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has {config.vocab_size} logits")
+    if contract_version not in CONTRACT_VERSIONS:
+        raise ValueError(f"contract_version is {contract_version!r}, must be one of {CONTRACT_VERSIONS}")
     serving = inference_copy(model, config)
     os.makedirs(base_dir, exist_ok=True)
     tmp = os.path.join(base_dir, f".tmp-{uuid.uuid4().hex}")
     try:
         module = ServingModule(serving, config)
-        tf.saved_model.save(
-            module,
-            tmp,
-            signatures={PREFILL.name: module.prefill, STEP.name: module.step},
-        )
+        signatures = {PREFILL.name: module.prefill, STEP.name: module.step}
+        if contract_version >= 2:
+            signatures[PREFILL_FROM.name] = module.prefill_from
+        tf.saved_model.save(module, tmp, signatures=signatures)
         os.makedirs(os.path.join(tmp, ASSETS_DIR), exist_ok=True)
         tokenizer.save(asset_path(tmp, TOKENIZER_ASSET))
         info = {
-            "contract_version": CONTRACT_VERSION,
+            "contract_version": contract_version,
             "architecture": config.to_dict(),
             "state_size": config.state_size,
             "step_input_table": module.folded,

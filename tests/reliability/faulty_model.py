@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from training.contract import CONTRACT_VERSION
 from training.tokenizer import Tokenizer
 
 FAULT = "!"
@@ -87,6 +86,7 @@ def export_faulty(base: Path) -> Path:
     assets = path / "assets"
     os.makedirs(assets, exist_ok=True)
     tokenizer.save(str(assets / "tokenizer.json"))
-    info = {"fixture": "faulty", "contract_version": CONTRACT_VERSION, "state_size": STATE}
+    # Contract version 1: it has no prefill_from, so the server reads a long prompt's first slice and the rest rides.
+    info = {"fixture": "faulty", "contract_version": 1, "state_size": STATE}
     (assets / "model.json").write_text(json.dumps(info), encoding="utf-8")
     return path

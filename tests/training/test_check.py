@@ -31,8 +31,8 @@ def test_a_good_version_passes_and_shows_what_was_found(good: Path, capsys: pyte
     code, out, err = run_check(capsys, good)
     assert code == 0 and err == ""
     assert out == (
-        f"{good}: ok: signatures prefill, step; V={checked.vocab_size} S={checked.state_size}; "
-        f"level char; contract version 1\n"
+        f"{good}: ok: signatures prefill, prefill_from, step; V={checked.vocab_size} S={checked.state_size}; "
+        f"level char; contract version 2\n"
     )
     assert checked.vocab_size == checked.tokenizer.vocab_size and checked.state_size == checked.info["state_size"]
 
@@ -93,7 +93,9 @@ def test_textgen_check_as_a_real_command(good: Path, tmp_path: Path) -> None:
     assert textgen.is_file(), f"the console script is not installed beside {sys.executable}"
     done = subprocess.run([str(textgen), "check", str(good)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert re.fullmatch(rf"{re.escape(str(good))}: ok: signatures prefill, step; V=\d+ S=64; .*\n", done.stdout)
+    assert re.fullmatch(
+        rf"{re.escape(str(good))}: ok: signatures prefill, prefill_from, step; V=\d+ S=64; .*\n", done.stdout
+    )
     bad = broken_copy(good, tmp_path, "vocabulary mismatch")
     done = subprocess.run([str(textgen), "check", str(bad)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""

@@ -51,7 +51,7 @@ def test_an_export_writes_the_contracts_model_json_keys(version: Path) -> None:
 
 def test_an_exports_signatures_are_the_contracts_by_name_dtype_and_shape(version: Path) -> None:
     loaded = tf.saved_model.load(str(version))
-    assert sorted(loaded.signatures) == sorted(sig.name for sig in SIGNATURES) == ["prefill", "step"]
+    assert sorted(loaded.signatures) == sorted(sig.name for sig in SIGNATURES) == ["prefill", "prefill_from", "step"]
     for sig in SIGNATURES:
         fn = loaded.signatures[sig.name]
         args, inputs = fn.structured_input_signature
@@ -107,7 +107,8 @@ def test_reading_a_json_asset_names_the_asset_and_what_is_wrong(tmp_path: Path) 
     [
         ({"state_size": 4}, "lacks contract_version"),
         ({"contract_version": 1}, "lacks state_size"),
-        ({"contract_version": 2, "state_size": 4}, "contract_version is 2; this textgen reads 1"),
+        ({"contract_version": 3, "state_size": 4}, "contract_version is 3; this textgen reads 1 or 2"),
+        ({"contract_version": 2.0, "state_size": 4}, "contract_version is 2.0; this textgen reads 1 or 2"),
         ({"contract_version": True, "state_size": 4}, "contract_version is True"),
         ({"contract_version": 1, "state_size": "4"}, "state_size is '4', needs a positive integer"),
         ({"contract_version": 1, "state_size": 0}, "state_size is 0"),

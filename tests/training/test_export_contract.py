@@ -190,3 +190,35 @@ def test_export_refuses_a_tokenizer_that_does_not_match_the_model(tmp_path: Path
     with pytest.raises(ValueError, match="logits"):
         export_version(build_model(config), config, tokenizer, str(tmp_path / "m"), {})
     assert not (tmp_path / "m").exists() or list_versions(str(tmp_path / "m")) == []
+
+
+def test_prefill_from_reads_on_from_a_state_as_prefill_of_the_whole_prompt(exported: Exported) -> None:
+    p = _prompt(exported, "it was the age of wisdom, it was the age of foolishness")
+    q = _prompt(exported, "it was the epoch of belief")
+    prefill_from = exported.loaded.signatures["prefill_from"]
+    # Row 0 reads q after p; row 1 reads p after nothing (zero state), right-padded to the longer of the two.
+    heads = _prefill(exported, [p, p[:1]])["state"]
+    heads[1] = 0.0
+    width = max(len(q), len(p))
+    tokens = np.zeros((2, width), np.int32)
+    tokens[0, : len(q)] = q
+    tokens[1, : len(p)] = p
+    out = prefill_from(tokens=tf.constant(tokens), lengths=tf.constant([len(q), len(p)], tf.int32), state=heads)
+    whole = _prefill(exported, [p + q])
+    alone = _prefill(exported, [p])
+    np.testing.assert_allclose(out["logits"].numpy()[0], whole["logits"][0], atol=ATOL)
+    np.testing.assert_allclose(out["state"].numpy()[0], whole["state"][0], atol=ATOL)
+    np.testing.assert_allclose(out["logits"].numpy()[1], alone["logits"][0], atol=ATOL)
+    np.testing.assert_allclose(out["state"].numpy()[1], alone["state"][0], atol=ATOL)
+
+
+def test_a_contract_1_export_has_no_prefill_from(tmp_path: Path) -> None:
+    tokenizer = Tokenizer(level="char").fit_on_texts([TEXT])
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, embedding_dim=4, units=8)
+    model = build_model(config)
+    path = export_version(model, config, tokenizer, str(tmp_path), {}, contract_version=1)
+    loaded, _, info = load_exported(path)
+    assert sorted(loaded.signatures) == ["prefill", "step"] and info["contract_version"] == 1
+    with pytest.raises(ValueError, match=r"contract_version is 3, must be one of \(1, 2\)"):
+        export_version(model, config, tokenizer, str(tmp_path), {}, contract_version=3)
+    assert list_versions(str(tmp_path)) == [1]
