@@ -19,6 +19,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service import config as config_module
 from tests.deploy.kustomization import KustomizeError, object_key, render
+from tests.helpers import RunningServer, need_tool
+from training import config as training_config
+from training import distribute
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -130,9 +135,7 @@ def test_every_kustomization_renders_to_valid_objects(name: str) -> None:
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_renderer_agrees_with_kubectl_kustomize(name: str) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the manifests are rendered by tests/deploy/kustomization.py only")
+    kubectl = need_tool("kubectl")  # missing: skipped, and named at the end of the run
     out = subprocess.run(
         [kubectl, "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -270,7 +273,6 @@ def test_models_volume_is_read_only_for_serving_and_read_write_for_training() ->
 
 
 def test_config_map_holds_only_settings_the_server_understands() -> None:
-    config_module = pytest.importorskip("service.config", reason="service/config.py (the server's flags) not built yet")
     data = server_config_map(rendered("base"))
     assert all(key.startswith(config_module.ENV_PREFIX) for key in data)
     known = {config_module.ENV_PREFIX + f.name.upper() for f in fields(config_module.ServerConfig)}
@@ -515,7 +517,7 @@ def write_secret_volume(folder: Path, data: dict[str, bytes], generation: int) -
 
 
 def test_tls_overlay_settings_serve_tls_with_plaintext_health_and_rotating_tokens(
-    tiny_model_repo: Path, tmp_path: Path
+    tiny_model_repo: Path, tmp_path: Path, start_server: Callable[..., RunningServer]
 ) -> None:
     """The real server from the overlay's environment, with its Secrets laid out as the kubelet does."""
     import grpc
@@ -526,7 +528,6 @@ def test_tls_overlay_settings_serve_tls_with_plaintext_health_and_rotating_token
     from service.config import parse_config
     from service.tls import channel_credentials
     from tests.security.certs import make_pki
-    from tests.service.conftest import RunningServer
 
     objects = rendered(TLS)
     deployment = objects[("Deployment", "textgen")]
@@ -552,7 +553,7 @@ def test_tls_overlay_settings_serve_tls_with_plaintext_health_and_rotating_token
     config = dataclasses.replace(
         config, models=str(tiny_model_repo), host="127.0.0.1", port=0, metrics_port=0, health_port=0, default_model=None
     )
-    running = RunningServer(config)
+    running = start_server(config=config)
     try:
         probe_target = f"127.0.0.1:{running.server.health_port}"
         with grpc.insecure_channel(probe_target) as channel:
@@ -652,7 +653,6 @@ def test_training_entry_builds_tf_config_from_the_completion_index(tmp_path: Pat
 
 
 def test_training_job_arguments_are_flags_textgen_train_accepts() -> None:
-    training_config = pytest.importorskip("training.config", reason="training/config.py not built yet")
     args = only_container(rendered("training")[("Job", "textgen-train")])["args"]
     config = training_config.parse_args(args)
     assert config.out == "/models/textgen"
@@ -660,7 +660,6 @@ def test_training_job_arguments_are_flags_textgen_train_accepts() -> None:
 
 
 def test_training_tf_config_makes_exactly_one_chief(tmp_path: Path) -> None:
-    distribute = pytest.importorskip("training.distribute", reason="training/distribute.py not built yet")
     job = rendered("training")[("Job", "textgen-train")]
     specs = [
         distribute.parse_tf_config({"TF_CONFIG": run_job_entry(job, i, tmp_path)["tf_config"]})

@@ -3,19 +3,16 @@ real Prometheus scrapes a real textgen server and answers the latency queries th
 HPA depend on.
 
 Needs the ``prometheus`` Debian package (``promtool`` and ``prometheus``); ``scripts/test.sh``
-installs it. Each test is skipped, saying so, only where a binary is absent.
+installs it. Where a binary is absent, each test that needs it is skipped, saying so, and under
+``CI=true`` fails instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +25,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from tests.helpers import ServerProcess, free_ports, need_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "textgen-rules.yaml"
@@ -38,15 +37,10 @@ TTFT_P50 = "histogram_quantile(0.5, sum by (le) (rate(textgen_time_to_first_toke
 T = TypeVar("T")
 
 
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.skip(f"{binary} is not installed (Debian package 'prometheus'; scripts/test.sh installs it)")
-    return path
-
-
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([need("promtool"), *map(str, args)], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [need_tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 # ---- promtool ------------------------------------------------------------------------------
@@ -97,13 +91,6 @@ def test_adapter_metrics_query_is_valid_promql(tmp_path: Path) -> None:
 
 
 # ---- a real Prometheus scraping a real server ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -170,31 +157,16 @@ class PrometheusAPI:
 
 
 @pytest.fixture
-def textgen_server(tiny_model_repo: Path, tmp_path: Path) -> Iterator[tuple[int, int, Process]]:
+def textgen_server(start_process: Callable[..., ServerProcess]) -> tuple[int, int, Process]:
     """A real ``python -m service`` on loopback: (gRPC port, metrics port, the process)."""
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path / "textgen.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--models", str(tiny_model_repo), "--host", "127.0.0.1"]
-            + ["--port", str(port), "--metrics-port", str(metrics_port), "--grace-seconds", "2"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield port, metrics_port, Process(process, log)
-    finally:
-        stop(process)
+    server = start_process("--grace-seconds", "2")
+    return server.port, server.metrics_port, Process(server.proc, server.log_path)
 
 
 @pytest.fixture
 def prometheus(textgen_server: tuple[int, int, Process], tmp_path: Path) -> Iterator[tuple[PrometheusAPI, Process]]:
     """A real Prometheus scraping the server every second and evaluating the textgen rules."""
-    binary = need("prometheus")
+    binary = need_tool("prometheus")
     _, metrics_port, _ = textgen_server
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -210,7 +182,7 @@ def prometheus(textgen_server: tuple[int, int, Process], tmp_path: Path) -> Iter
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = free_port()
+    (port,) = free_ports(1)
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,8 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import TextGenClient
+from tests.helpers import RunningServer, wait_until
 from tests.reliability.faulty_model import FAULT, OOM, export_faulty
-from tests.service.conftest import RunningServer, make_config, wait_until
+
+# Streams of the faulty model that a fault must end long before they end by themselves.
+VICTIM_TOKENS = 1_000_000
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,10 @@ def two_models(tiny_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) 
     return repo
 
 
-@pytest.fixture(scope="module")
-def server(two_models: Path) -> Iterator[RunningServer]:
-    running = RunningServer(make_config(two_models, default_model="tiny"))
-    yield running
-    running.stop(grace=0)
+@pytest.fixture
+def server(start_server: Callable[..., RunningServer], two_models: Path) -> RunningServer:
+    """One server for the module's tests, serving ``tiny`` (the default) and ``faulty``."""
+    return start_server(two_models, scope="module", default_model="tiny", max_tokens_limit=VICTIM_TOKENS)
 
 
 class Background:
@@ -141,9 +143,11 @@ def test_out_of_memory_is_resource_exhausted_for_the_requests_it_hit(server: Run
     _assert_healthy(server)
 
 
-def test_a_client_that_never_reads_cannot_stall_others(two_models: Path) -> None:
+def test_a_client_that_never_reads_cannot_stall_others(
+    start_server: Callable[..., RunningServer], two_models: Path
+) -> None:
     """The engine never waits for a reader; the stalled RPC ends when its connection's age + grace run out."""
-    running = RunningServer(make_config(two_models, default_model="tiny", max_connection_age=3.0, grace_seconds=1.0))
+    running = start_server(two_models, default_model="tiny", max_connection_age=3.0, grace_seconds=1.0)
     try:
         n = 5000
         # A small HTTP/2 receive window, never read: the server's writes block on flow control at once.

@@ -23,17 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import child_env
 from training.cli import main as train_main
 from training.corpus import embedded_text
 
 SMALL = ["--units", "16", "--embedding-dim", "8", "--seq-len", "16", "--batch-size", "8", "--max-steps-per-epoch", "2"]
 QUIET = ["--patience", "100", "--sample-tokens", "0"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
 
 
 def _tree(path: Path) -> list[str]:
@@ -141,7 +136,7 @@ def test_a_checkpoint_write_cut_by_a_full_disk_resumes_once_there_is_room(tmp_pa
         "--checkpoint-dir", str(ck), "--log-dir", str(tmp_path / "logs"), *SMALL, *QUIET, "--epochs", "4",
     ]  # fmt: skip
     # 100 KB hold epoch 1's checkpoint (~70 KB) but not epoch 2's written beside it.
-    first = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=400)
+    first = subprocess.run(argv, env=child_env(), capture_output=True, text=True, timeout=400)
     # A clean error (HDF5 itself would crash the process with SIGSEGV on a write cut by ENOSPC).
     assert first.returncode == 1, first.stderr[-2000:]
     assert "no room for a checkpoint" in first.stderr and "--resume" in first.stderr, first.stderr[-2000:]
@@ -151,7 +146,7 @@ def test_a_checkpoint_write_cut_by_a_full_disk_resumes_once_there_is_room(tmp_pa
     assert kept == ["epoch-0001.weights.h5"], os.listdir(ck)
     # Room again: the run resumes after the last checkpoint that was written whole.
     subprocess.run(["mount", "-o", "remount,size=10m", str(tmpfs)], check=True)
-    second = subprocess.run([*argv, "--resume"], env=_env(), capture_output=True, text=True, timeout=400)
+    second = subprocess.run([*argv, "--resume"], env=child_env(), capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming after epoch 1 of 4" in second.stderr
     assert (tmp_path / "models" / "m" / "1" / "saved_model.pb").is_file()

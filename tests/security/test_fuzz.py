@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from service.api import textgen_pb2, textgen_pb2_grpc
 from service.client import build_request
-from tests.service.conftest import RunningServer, make_config, wait_until
+from tests.helpers import RunningServer, make_config, wait_until
 
 ALLOWED = {
     grpc.StatusCode.OK,

@@ -7,36 +7,24 @@ import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import textgen_pb2_grpc
 from service.client import TextGenClient, build_request
-from tests.service.conftest import RunningServer, make_config, wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import RunningServer, ServerProcess, wait_until
 
 SECRET_PROMPT = "my password is hunter2 and my card is 4111"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_repo: Path) -> Iterator[RunningServer]:
-    running = RunningServer(make_config(tiny_model_repo))
-    yield running
-    running.stop(grace=0)
-
-
 def test_logs_hold_no_prompt_or_generated_text_and_cannot_be_forged(
-    server: RunningServer, caplog: pytest.LogCaptureFixture
+    serving: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    with server.client() as client:
+    with serving.client() as client:
         done = client.complete(SECRET_PROMPT, max_tokens=30, seed=1, request_id="ok-id")
         forged = "x\nINFO service.servicer: request admin code=OK"
         streamed = list(client.generate(SECRET_PROMPT, max_tokens=5, seed=2, request_id=forged))
@@ -56,21 +44,18 @@ def test_logs_hold_no_prompt_or_generated_text_and_cannot_be_forged(
     assert any(m.startswith("request x\\nINFO") for m in request_lines)
 
 
-def test_bearer_tokens_are_never_logged_even_at_debug(tiny_model_repo: Path, tmp_path: Path) -> None:
+def test_bearer_tokens_are_never_logged_even_at_debug(
+    start_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     """``textgen serve --log-level debug`` as a real process: good, bad and rotated tokens, and file problems."""
     good, bad, rotated = (f"tok-{kind}-{secrets.token_hex(16)}" for kind in ("good", "bad", "rotated"))
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"# serving tokens\n{good}\n", encoding="utf-8")
-    log_path = tmp_path / "server.log"
-    argv = [sys.executable, "-m", "service", "--models", str(tiny_model_repo), "--host", "127.0.0.1", "--port", "0"]
-    argv += ["--metrics-port", "0", "--poll-seconds", "0", "--log-level", "debug", "--auth-token-file", str(tokens)]
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    server = start_process("--log-level", "debug", "--auth-token-file", str(tokens))
+    proc = server.proc
+    target = server.target
     try:
-        port = _wait_for_port(proc, log_path)
-        target = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(target) as channel:
-            assert wait_until(lambda: _serving(channel), 120), log_path.read_text(errors="replace")[-3000:]
+        server.wait_serving()
         with TextGenClient(target, token=good, timeout=60) as client:
             assert client.complete("The ", max_tokens=5, seed=1).usage.completion_tokens == 5
             assert list(client.generate("The ", max_tokens=5, seed=2))[-1].usage.completion_tokens == 5
@@ -102,7 +87,7 @@ def test_bearer_tokens_are_never_logged_even_at_debug(tiny_model_repo: Path, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    text = log_path.read_text(encoding="utf-8", errors="replace")
+    text = server.log()
     # The log is at DEBUG and holds the request lines and the token file's reload and problems ...
     assert " DEBUG " in text
     assert len(re.findall(r" INFO service\.servicer: request ", text)) == 5, text[-3000:]  # refusals: counted only
@@ -112,25 +97,3 @@ def test_bearer_tokens_are_never_logged_even_at_debug(tiny_model_repo: Path, tmp
     for token in (good, bad, rotated):
         assert token not in text
         assert token.rsplit("-", 1)[1][:16] not in text
-
-
-def _wait_for_port(proc: subprocess.Popen[bytes], log_path: Path) -> int:
-    """The gRPC port the server prints once it is listening."""
-    found: list[int] = []
-
-    def printed() -> bool:
-        match = re.search(r"listening on port (\d+)", log_path.read_text(encoding="utf-8", errors="replace"))
-        if match:
-            found.append(int(match.group(1)))
-        return bool(match) or proc.poll() is not None
-
-    assert wait_until(printed, 120) and found, log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-    return found[0]
-
-
-def _serving(channel: grpc.Channel) -> bool:
-    try:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
-    except grpc.RpcError:
-        return False
-    return bool(status == health_pb2.HealthCheckResponse.SERVING)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,8 +17,8 @@ from service.api import textgen_pb2, textgen_pb2_grpc
 from service.client import TextGenClient, build_request
 from service.client import main as generate_main
 from service.tls import channel_credentials
+from tests.helpers import RunningServer
 from tests.security.certs import PKI, make_pki
-from tests.service.conftest import RunningServer, make_config
 
 TOKEN = "s3cret-token-for-tests"
 OTHER_TOKEN = "rotated-token-0123456789"
@@ -36,20 +36,17 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def mtls_server(tiny_model_repo: Path, pki: PKI, token_file: Path) -> Iterator[RunningServer]:
-    running = RunningServer(
-        make_config(
-            tiny_model_repo,
-            tls_cert=str(pki.server.cert),
-            tls_key=str(pki.server.key),
-            tls_client_ca=str(pki.ca.cert),
-            auth_token_file=str(token_file),
-            health_port=0,
-        )
+@pytest.fixture
+def mtls_server(start_server: Callable[..., RunningServer], pki: PKI, token_file: Path) -> RunningServer:
+    """One mTLS + token server (plaintext health port) shared by the module's tests."""
+    return start_server(
+        scope="module",
+        tls_cert=str(pki.server.cert),
+        tls_key=str(pki.server.key),
+        tls_client_ca=str(pki.ca.cert),
+        auth_token_file=str(token_file),
+        health_port=0,
     )
-    yield running
-    running.stop(grace=0)
 
 
 def _mtls_channel(server: RunningServer, pki: PKI, *, cert: bool = True, token: str | None = None) -> grpc.Channel:
@@ -202,17 +199,16 @@ def test_textgen_generate_speaks_mtls_with_a_token(
     assert "--token-file" in err.getvalue()
 
 
-def test_tls_without_client_ca_needs_no_client_certificate(tiny_model_repo: Path, pki: PKI) -> None:
-    running = RunningServer(make_config(tiny_model_repo, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key)))
-    try:
-        credentials = channel_credentials(str(pki.ca.cert))
-        with TextGenClient(running.target, credentials=credentials, timeout=30) as client:
-            assert client.complete("a", max_tokens=3, seed=1).usage.completion_tokens == 3
-        with grpc.insecure_channel(running.target) as channel:
-            with pytest.raises(grpc.RpcError):
-                _health(channel, timeout=5)
-    finally:
-        running.stop(grace=0)
+def test_tls_without_client_ca_needs_no_client_certificate(
+    start_server: Callable[..., RunningServer], pki: PKI
+) -> None:
+    running = start_server(tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
+    credentials = channel_credentials(str(pki.ca.cert))
+    with TextGenClient(running.target, credentials=credentials, timeout=30) as client:
+        assert client.complete("a", max_tokens=3, seed=1).usage.completion_tokens == 3
+    with grpc.insecure_channel(running.target) as channel:
+        with pytest.raises(grpc.RpcError):
+            _health(channel, timeout=5)
 
 
 def test_unreadable_certificate_or_token_file_is_a_clear_startup_error(tiny_model_repo: Path, tmp_path: Path) -> None:
@@ -240,11 +236,11 @@ def test_unreadable_certificate_or_token_file_is_a_clear_startup_error(tiny_mode
 
 
 def test_a_token_file_that_disappears_keeps_the_last_good_tokens(
-    tiny_model_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_server: Callable[..., RunningServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"{TOKEN}\n", encoding="utf-8")
-    running = RunningServer(make_config(tiny_model_repo, auth_token_file=str(tokens)))
+    running = start_server(auth_token_file=str(tokens))
     try:
         caplog.set_level(logging.INFO, logger="service.auth")
         with TextGenClient(running.target, token=TOKEN, timeout=30) as client:

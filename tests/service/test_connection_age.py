@@ -9,7 +9,7 @@ from collections.abc import Callable
 import grpc
 
 from service.client import TextGenClient
-from tests.service.conftest import RunningServer, wait_until
+from tests.helpers import RunningServer, wait_until
 
 AGE_SECONDS = 1.0
 RECONNECTS = 3  # connection ages the client must live through

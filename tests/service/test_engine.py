@@ -15,7 +15,7 @@ from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel, ModelRepository
 from service.sampling import SamplingParams
 from service.stream import Chunk, Stream
-from tests.service.conftest import engine_config, wait_until
+from tests.helpers import engine_config, wait_until
 
 PROMPT = "The object "
 

@@ -1,7 +1,7 @@
 """The asyncio event loop never runs TensorFlow: every Python and C call on the loop's thread is watched.
 
 ``threading.setprofile`` installs a profiler in the threads a ``RunningServer`` starts; it stays only
-in the event loop's thread (named by ``tests/service/conftest.py``) and records every call into a
+in the event loop's thread (named by ``tests/helpers.py``) and records every call into a
 ``tensorflow`` or ``keras`` module made there, from start-up through requests of every kind and a new
 version taking over, to shutdown.
 """
@@ -12,6 +12,7 @@ import shutil
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,9 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import textgen_pb2_grpc
 from service.client import build_request
-from tests.service.conftest import RunningServer, make_config, wait_until
+from tests.helpers import LOOP_THREAD, RunningServer, wait_until
 
-LOOP_THREAD = "test-server-loop"
 TENSORFLOW_MODULES = ("tensorflow", "keras", "tf_keras")
 
 
@@ -103,13 +103,15 @@ def _traffic(running: RunningServer) -> None:
     assert not errors, errors
 
 
-def test_the_event_loop_never_runs_tensorflow(tiny_model_repo: Path, tmp_path: Path) -> None:
+def test_the_event_loop_never_runs_tensorflow(
+    tiny_model_repo: Path, tmp_path: Path, start_server: Callable[..., RunningServer]
+) -> None:
     repo = tmp_path / "models"
     shutil.copytree(tiny_model_repo / "tiny" / "1", repo / "tiny" / "1")
     watch = LoopWatch()
     threading.setprofile(watch)
     try:
-        running = RunningServer(make_config(repo, poll_seconds=0.2))
+        running = start_server(repo, poll_seconds=0.2)
     finally:
         threading.setprofile(None)  # threads started later (grpc's, the test's) are not watched
     try:
@@ -121,7 +123,7 @@ def test_the_event_loop_never_runs_tensorflow(tiny_model_repo: Path, tmp_path: P
             assert wait_until(lambda: client.list_models().models[0].version == 2, 120)
         _traffic(running)
         engine = running.server.engine
-        assert wait_until(lambda: engine.active == 0 and engine.waiting == 0, 30)
+        assert wait_until(lambda: engine.active == 0 and engine.waiting == 0)
     finally:
         running.stop(grace=1.0)
     # The watch saw the loop's thread, and only it, run the server: start-up, the servicer, shutdown.

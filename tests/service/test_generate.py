@@ -20,7 +20,7 @@ from service.client import main as remote_main
 from service.config import ServerConfig
 from service.local import FlagError, name_the_flag, resolve_version
 from service.local import main as local_main
-from tests.service.conftest import RunningServer
+from tests.helpers import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MUST_SHOW = ["--max-tokens", "80", "--seed", "7", "--temperature", "0.9", "--top-p", "0.9", "To be"]

@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import textgen_pb2
 from service.model_repository import ModelRepository
-from tests.service.conftest import RunningServer, make_config, wait_until
+from tests.helpers import RunningServer, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -41,13 +42,13 @@ def _loaded(running: RunningServer) -> set[tuple[str, int]]:
 
 
 def test_versions_and_models_come_and_go_without_breaking_a_stream(
-    tmp_path: Path, tiny_model_repo: Path, tiny_word_model_repo: Path
+    tmp_path: Path, tiny_model_repo: Path, tiny_word_model_repo: Path, start_server: Callable[..., RunningServer]
 ) -> None:
     models = tmp_path / "models"
     (models / "tiny").mkdir(parents=True)
     v1 = tiny_model_repo / "tiny" / "1"
     _copy_version(v1, models, "tiny", 1)
-    running = RunningServer(make_config(models, poll_seconds=0.2, max_tokens_limit=LONG, keep_versions=1))
+    running = start_server(models, poll_seconds=0.2, max_tokens_limit=LONG, keep_versions=1)
     try:
         assert _loaded(running) == {("tiny", 1)}
         with running.client(timeout=300) as c:
@@ -117,11 +118,13 @@ def _all_health(running: RunningServer) -> set[int]:
     return {_health(running, service) for service in ("", "textgen.v1.TextGeneration")}
 
 
-def test_readiness_goes_back_to_not_serving_when_the_only_model_leaves(tmp_path: Path, tiny_model_repo: Path) -> None:
+def test_readiness_goes_back_to_not_serving_when_the_only_model_leaves(
+    tmp_path: Path, tiny_model_repo: Path, start_server: Callable[..., RunningServer]
+) -> None:
     models = tmp_path / "models"
     (models / "tiny").mkdir(parents=True)
     _copy_version(tiny_model_repo / "tiny" / "1", models, "tiny", 1)
-    running = RunningServer(make_config(models, poll_seconds=0.2))
+    running = start_server(models, poll_seconds=0.2)
     try:
         assert _all_health(running) == {SERVING}
         os.rename(models / "tiny", tmp_path / "away")  # the only model leaves the repository
@@ -137,12 +140,14 @@ def test_readiness_goes_back_to_not_serving_when_the_only_model_leaves(tmp_path:
         running.stop(grace=0)
 
 
-def test_readiness_follows_the_default_model(tmp_path: Path, tiny_model_repo: Path) -> None:
+def test_readiness_follows_the_default_model(
+    tmp_path: Path, tiny_model_repo: Path, start_server: Callable[..., RunningServer]
+) -> None:
     models = tmp_path / "models"
     for name in ("main", "other"):
         (models / name).mkdir(parents=True)
         _copy_version(tiny_model_repo / "tiny" / "1", models, name, 1)
-    running = RunningServer(make_config(models, poll_seconds=0.2, default_model="main"))
+    running = start_server(models, poll_seconds=0.2, default_model="main")
     try:
         assert _all_health(running) == {SERVING}
         shutil.rmtree(models / "main" / "1")  # another model still serves, but not the default one

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 import subprocess
 import urllib.request
 
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import TextGenClient
-from tests.service.conftest import RunningServer, wait_until
+from tests.helpers import RunningServer, need_tool, wait_until
 
 EXPECTED_TYPES = {
     "textgen_request_duration_seconds": "histogram",
@@ -32,7 +31,7 @@ EXPECTED_TYPES = {
 
 
 def _idle(serving: RunningServer) -> None:
-    assert wait_until(lambda: serving.server.engine.active + serving.server.engine.waiting == 0, 10.0)
+    assert wait_until(lambda: serving.server.engine.active + serving.server.engine.waiting == 0)
 
 
 def test_metric_names_exist_with_the_right_types(serving: RunningServer, client: TextGenClient) -> None:
@@ -104,9 +103,7 @@ def test_requests_total_counts_failures_by_code(serving: RunningServer, client: 
 
 
 def test_exposition_passes_promtool_check_metrics(serving: RunningServer, client: TextGenClient) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package 'prometheus'; scripts/test.sh installs it)")
+    promtool = need_tool("promtool")
     client.complete("The ", max_tokens=5)  # every histogram and counter has samples
     with pytest.raises(grpc.RpcError):
         client.complete("The ", temperature=-1)

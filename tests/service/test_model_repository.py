@@ -17,7 +17,7 @@ from service.engine import Engine
 from service.metrics import ServingMetrics
 from service.model_repository import ModelNotFoundError, ModelRepository, NoModelLoadedError
 from service.sampling import SamplingParams
-from tests.service.conftest import engine_config
+from tests.helpers import engine_config, rss_mb
 from tests.training.broken_versions import BREAKERS, place
 from training.check import main as check_main
 
@@ -310,13 +310,8 @@ def test_two_models_generate_in_one_engine(tmp_path, good_version, tiny_word_mod
         engine.stop(5.0)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read RSS")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to read RSS")
 def test_memory_is_returned_after_unloads(tmp_path, good_version):
     """20 load/unload cycles after 3 warm-up cycles: RSS grows by less than 20 MB (seen: about 1 MB)."""
     repo = ModelRepository(str(tmp_path), warmup_batch_sizes=(1,))
@@ -329,7 +324,7 @@ def test_memory_is_returned_after_unloads(tmp_path, good_version):
         assert [m.version for m in repo.loaded()] == [version] and repo.retiring() == []
         if version == 3:
             gc.collect()
-            before = _rss_mb()
+            before = rss_mb()
     gc.collect()
-    grown = _rss_mb() - before
+    grown = rss_mb() - before
     assert grown < 20.0, f"RSS grew by {grown:.1f} MB over 20 load/unload cycles"

@@ -10,7 +10,7 @@ import pytest
 
 from service.api import textgen_pb2_grpc
 from service.client import build_request
-from tests.service.conftest import RunningServer, wait_until
+from tests.helpers import RunningServer, wait_until
 
 # Far more tokens than the tiny model makes before the server's default deadline ends the request.
 MAX_TOKENS = 1_000_000

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import select
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,91 +16,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import textgen_pb2
 from service.client import TextGenClient
-from tests.service.conftest import RunningServer
+from tests.helpers import RunningServer, ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = 120.0
-
-
-class ServerProcess:
-    """``python -m service`` on free ports; its log goes to a file so the pipe can never fill up."""
-
-    def __init__(self, models: Path, log_path: Path, *flags: str) -> None:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TEXTGEN_MAX_TOKENS_LIMIT": "50000"}
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--models", str(models), "--host", "127.0.0.1"]
-            + ["--port", "0", "--metrics-port", "0", "--poll-seconds", "0", *flags],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self.port = self._read_port()
-        self.target = f"127.0.0.1:{self.port}"
-
-    def _read_port(self) -> int:
-        assert self.proc.stdout is not None
-        end = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < end:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                match = re.search(r"listening on port (\d+)", line)
-                if match:
-                    return int(match.group(1))
-            if self.proc.poll() is not None:
-                break
-        raise AssertionError(f"the server printed no port; log:\n{self.log()}")
-
-    def wait_serving(self) -> None:
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            end = time.monotonic() + STARTUP_TIMEOUT
-            while time.monotonic() < end:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"the server never became SERVING; log:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self._log.close()
+LIMIT = {"TEXTGEN_MAX_TOKENS_LIMIT": "50000"}
 
 
 @pytest.fixture
-def process_factory(tmp_path: Path, tiny_model_repo: Path) -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def start(*flags: str) -> ServerProcess:
-        p = ServerProcess(tiny_model_repo, tmp_path / f"server{len(started)}.log", *flags)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.close()
+def process_factory(start_process: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    """``python -m service *flags`` on the tiny model with --max-tokens-limit 50000."""
+    return lambda *flags: start_process(*flags, env=LIMIT)
 
 
 def _shutdown_observed(target: str) -> bool:
     """True once health says NOT_SERVING or the server no longer answers health checks."""
     try:
         with grpc.insecure_channel(target) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30).status
         return bool(status == health_pb2.HealthCheckResponse.NOT_SERVING)
-    except grpc.RpcError:
-        return True
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_sigterm_lets_running_streams_finish_rejects_new_requests_and_exits_0(
@@ -221,17 +150,14 @@ def test_streams_cut_at_the_end_of_the_grace_are_counted_as_the_client_saw_them(
 
 
 def test_sigterm_during_the_first_model_load_exits_without_waiting_for_it(
-    tmp_path: Path, tiny_model_repo: Path
+    tmp_path: Path, tiny_model_repo: Path, start_process: Callable[..., ServerProcess]
 ) -> None:
     models = tmp_path / "many"
     for i in range(40):  # loading 40 versions one after another takes far longer than a drain
         shutil.copytree(tiny_model_repo / "tiny" / "1", models / f"m{i:02d}" / "1")
-    server = ServerProcess(models, tmp_path / "server.log", "--grace-seconds", "1")
-    try:
-        server.proc.send_signal(signal.SIGTERM)  # the port is bound; the first load has begun
-        assert server.proc.wait(timeout=60) == 0, server.log()
-        log = server.log()
-        assert "exiting while the first model load is still running" in log, log
-        assert "ready: serving" not in log
-    finally:
-        server.close()
+    server = start_process("--grace-seconds", "1", models=models, env=LIMIT)
+    server.proc.send_signal(signal.SIGTERM)  # the port is bound; the first load has begun
+    assert server.proc.wait(timeout=60) == 0, server.log()
+    log = server.log()
+    assert "exiting while the first model load is still running" in log, log
+    assert "ready: serving" not in log

@@ -12,7 +12,7 @@ from service.client import TextGenClient, build_request
 from service.engine import CapacityError, EngineClosedError
 from service.model_repository import ModelNotFoundError, NoModelLoadedError
 from service.servicer import RequestError, RequestLimits, _status_of, validate_request
-from tests.service.conftest import RunningServer
+from tests.helpers import RunningServer
 
 LIMITS = RequestLimits(
     max_tokens_limit=100, default_max_tokens=7, max_prompt_bytes=10, max_stop_sequences=3, max_stop_length=5

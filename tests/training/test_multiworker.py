@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_ports
 from training.cli import main as train_main
 from training.corpus import embedded_text
 from training.distribute import ClusterSpec, parse_tf_config
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _worker_env(workers: list[str], index: int) -> dict[str, str]:
@@ -35,7 +24,7 @@ def _worker_env(workers: list[str], index: int) -> dict[str, str]:
 
 
 def _run_two_workers(tmp_path: Path, corpus: Path, epochs: int, *extra: str) -> list[subprocess.CompletedProcess]:
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     argv = [
         sys.executable, "-m", "training", "--corpus", str(corpus), "--out", "models/m", "--checkpoint-dir", "ck",
         "--log-dir", "logs", "--units", "16", "--embedding-dim", "8", "--seq-len", "16", "--batch-size", "8",

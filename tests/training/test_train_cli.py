@@ -12,17 +12,12 @@ from pathlib import Path
 import pytest
 
 from service.local import main as generate_main
+from tests.helpers import child_env
 from training.cli import main as train_main
 from training.corpus import embedded_text, load_corpus
 
 TEXTGEN = str(Path(sys.executable).with_name("textgen"))
 TINY = ["--units", "16", "--embedding-dim", "8", "--seq-len", "16", "--batch-size", "8", "--sample-tokens", "5"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
 
 
 def _tree(root: Path) -> set[str]:
@@ -32,7 +27,9 @@ def _tree(root: Path) -> set[str]:
 @pytest.mark.timeout(900)  # real training runs; generous for a loaded 2-core machine
 def test_no_arguments_trains_on_the_embedded_corpus_and_exports_version_1_then_2(tmp_path: Path) -> None:
     for expected in (1, 2):
-        run = subprocess.run([TEXTGEN, "train"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [TEXTGEN, "train"], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert f"exported {os.path.join('models', 'textgen', str(expected))}" in run.stdout
         assert "sample from the reloaded export" in run.stdout
@@ -54,7 +51,7 @@ def test_no_arguments_trains_on_the_embedded_corpus_and_exports_version_1_then_2
     # Local, stateful generation from the newest version (base folder) and from a version folder.
     gen = subprocess.run(
         [TEXTGEN, "generate", "--model", str(base), "The ", "--max-tokens", "30", "--temperature", "0"],
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
