@@ -11,8 +11,7 @@ scraped ``textgen_active_sequences`` / ``textgen_waiting_requests`` are back at 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 
 from service.api import textgen_pb2, textgen_pb2_grpc
 from service.client import build_request
-from tests.helpers import RunningServer, make_config, wait_until
+from tests.helpers import RunningServer, wait_until
 
 ALLOWED = {
     grpc.StatusCode.OK,
@@ -95,33 +94,24 @@ odd_model = plausible.flatmap(
 requests = st.one_of(wild, plausible, odd_model)
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tiny_model_repo: Path) -> Iterator[RunningServer]:
-    running = RunningServer(
-        make_config(
-            tiny_model_repo,
-            max_tokens_limit=MAX_TOKENS_LIMIT,
-            default_max_tokens=4,
-            max_prompt_bytes=MAX_PROMPT_BYTES,
-            max_receive_message_bytes=MAX_RECEIVE,
-            max_stop_sequences=8,
-            max_stop_length=32,
-        )
+@pytest.fixture
+def fuzz_server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    """One server with small limits, shared by the module's tests."""
+    return start_server(
+        scope="module",
+        max_tokens_limit=MAX_TOKENS_LIMIT,
+        default_max_tokens=4,
+        max_prompt_bytes=MAX_PROMPT_BYTES,
+        max_receive_message_bytes=MAX_RECEIVE,
+        max_stop_sequences=8,
+        max_stop_length=32,
     )
-    yield running
-    running.stop(grace=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def channel(fuzz_server: RunningServer) -> Iterator[grpc.Channel]:
     with fuzz_server.channel() as ch:
         yield ch
-
-
-@pytest.fixture(scope="module")
-def seen() -> collections.Counter[str]:
-    """Status codes the generated requests got (so the last test can check the mix was not all one kind)."""
-    return collections.Counter()
 
 
 def _code_of(call: Any) -> tuple[grpc.StatusCode, str]:
@@ -141,52 +131,33 @@ def _assert_clean(fuzz_server: RunningServer, channel: grpc.Channel) -> None:
     assert fuzz_server.sample("textgen_waiting_requests") == 0
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(fields=requests, streaming=st.booleans())
-def test_any_request_gets_a_documented_status(
-    fuzz_server: RunningServer,
-    channel: grpc.Channel,
-    seen: collections.Counter[str],
-    fields: dict[str, Any],
-    streaming: bool,
+def test_any_request_gets_a_documented_status_and_the_server_stays_clean(
+    fuzz_server: RunningServer, channel: grpc.Channel
 ) -> None:
-    request = build_request(**fields)  # protobuf narrows floats to float32; integers are in range by construction
+    """300 generated requests, each OK or a documented client error; then the mix held every kind,
+    nothing leaked, health is SERVING and the limits are still enforced."""
     stub = textgen_pb2_grpc.TextGenerationStub(channel)
-    if streaming:
-        code, details = _code_of(lambda: list(stub.Generate(request, timeout=60)))
-    else:
-        code, details = _code_of(lambda: stub.Complete(request, timeout=60))
-    seen[code.name] += 1
-    assert code in ALLOWED, f"{code.name}: {details} for {fields!r:.500}"
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        assert details, "an INVALID_ARGUMENT must say what is wrong"
+    seen: collections.Counter[str] = collections.Counter()  # status codes the generated requests got
 
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(fields=requests, streaming=st.booleans())
+    def any_request(fields: dict[str, Any], streaming: bool) -> None:
+        request = build_request(**fields)  # protobuf narrows floats to float32; integers are in range by construction
+        if streaming:
+            code, details = _code_of(lambda: list(stub.Generate(request, timeout=60)))
+        else:
+            code, details = _code_of(lambda: stub.Complete(request, timeout=60))
+        seen[code.name] += 1
+        assert code in ALLOWED, f"{code.name}: {details} for {fields!r:.500}"
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            assert details, "an INVALID_ARGUMENT must say what is wrong"
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(payload=st.binary(max_size=2000), method=st.sampled_from(["Generate", "Complete", "ListModels"]))
-def test_undecodable_bytes_are_invalid_argument(
-    fuzz_server: RunningServer, channel: grpc.Channel, payload: bytes, method: str
-) -> None:
-    path = f"/textgen.v1.TextGeneration/{method}"
-    if method == "Generate":
-        call = channel.unary_stream(path)
-        code, details = _code_of(lambda: list(call(payload, timeout=60)))
-    else:
-        unary = channel.unary_unary(path)
-        code, details = _code_of(lambda: unary(payload, timeout=60))
-    assert code in ALLOWED, f"{code.name}: {details} for {payload!r:.200}"
-
-
-def test_server_is_clean_after_fuzzing(
-    fuzz_server: RunningServer, channel: grpc.Channel, seen: collections.Counter[str]
-) -> None:
-    """Runs after the two properties above (file order): nothing leaked, health SERVING, limits still enforced."""
-    assert sum(seen.values()) >= 300, seen
+    any_request()
     print(f"fuzz: status codes of the generated requests: {dict(seen)}")
+    assert sum(seen.values()) >= 300, seen
     # Valid requests ran through the engine, and bad ones were refused.
     assert seen["OK"] >= 40 and seen["INVALID_ARGUMENT"] >= 30 and seen["NOT_FOUND"] >= 10, seen
     _assert_clean(fuzz_server, channel)
-    stub = textgen_pb2_grpc.TextGenerationStub(channel)
     code, details = _code_of(lambda: stub.Complete(build_request("x", max_tokens=MAX_TOKENS_LIMIT + 1), timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and str(MAX_TOKENS_LIMIT) in details
     code, details = _code_of(lambda: stub.Complete(build_request("x" * (MAX_RECEIVE + 10)), timeout=30))
@@ -194,3 +165,20 @@ def test_server_is_clean_after_fuzzing(
     done = stub.Complete(build_request("The ", max_tokens=MAX_TOKENS_LIMIT, seed=5), timeout=30)
     assert done.usage.completion_tokens == MAX_TOKENS_LIMIT
     assert isinstance(done, textgen_pb2.GenerateResponse)
+
+
+def test_undecodable_bytes_are_invalid_argument(fuzz_server: RunningServer, channel: grpc.Channel) -> None:
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(payload=st.binary(max_size=2000), method=st.sampled_from(["Generate", "Complete", "ListModels"]))
+    def undecodable(payload: bytes, method: str) -> None:
+        path = f"/textgen.v1.TextGeneration/{method}"
+        if method == "Generate":
+            call = channel.unary_stream(path)
+            code, details = _code_of(lambda: list(call(payload, timeout=60)))
+        else:
+            unary = channel.unary_unary(path)
+            code, details = _code_of(lambda: unary(payload, timeout=60))
+        assert code in ALLOWED, f"{code.name}: {details} for {payload!r:.200}"
+
+    undecodable()
+    _assert_clean(fuzz_server, channel)
