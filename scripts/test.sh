@@ -4,10 +4,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev
 # promtool (Debian package 'prometheus') checks metric exposition and rules, and a real
-# Prometheus scrapes a real server in tests/deploy.
+# Prometheus scrapes a real server in tests/deploy. Without it the tests that need it are skipped,
+# and under CI=true they fail (tests/helpers.py: need_tool).
 if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-    || echo "warning: could not install the prometheus package; tests needing promtool will be skipped" >&2
+    || echo "warning: could not install the Debian package 'prometheus'" >&2
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  case "${CI:-}" in
+    true|TRUE|True|1) echo "error: promtool is missing (Debian package 'prometheus'); with CI=true the tests that need it fail" >&2 ;;
+    *) echo "warning: promtool is missing (Debian package 'prometheus'); the tests that need it are skipped" >&2 ;;
+  esac
 fi
 .venv/bin/ruff check service training tests benchmarks
 .venv/bin/ruff format --check service training tests benchmarks
