@@ -17,7 +17,7 @@ from service.engine import Engine
 from service.metrics import ServingMetrics
 from service.model_repository import ModelNotFoundError, ModelRepository, NoModelLoadedError
 from service.sampling import SamplingParams
-from tests.helpers import engine_config, rss_mb
+from tests.helpers import engine_config, rss_mb, wait_until
 from tests.training.broken_versions import BREAKERS, place
 from training.check import main as check_main
 
@@ -166,10 +166,7 @@ def test_new_version_takes_traffic_and_old_unloads_after_its_stream(tmp_path, go
             return []
 
         asyncio.run(run())
-        end = time.monotonic() + 2
-        while repo.retiring() and time.monotonic() < end:
-            time.sleep(0.01)
-        assert repo.retiring() == []
+        assert wait_until(lambda: repo.retiring() == [])  # once its last stream has ended
         assert [m.version for m in repo.loaded()] == [2]
         assert len(changes) >= 2
     finally:
