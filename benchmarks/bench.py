@@ -8,7 +8,7 @@ Order of a run (one model, one machine, baselines from the same run):
    OneStep per request;
 3. end to end over gRPC against ``python -m service`` at several concurrency
    levels (each level's figures are medians over ``--repeats``), then the
-   interference scenario on the same server;
+   interference and untrusted-prompt scenarios on the same server;
 4. the same concurrency levels against ``--max-batch-size 1`` (once each);
 5. ``DIR/results.json``, ``DIR/table.md``, ``DIR/throughput.png``,
    ``DIR/latency.png``; the table is printed too.
@@ -31,6 +31,8 @@ from typing import Any
 
 from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
 from benchmarks.interference import InterferenceConfig, measure_interference
+from benchmarks.untrusted_prompts import QUICK as QUICK_UNTRUSTED
+from benchmarks.untrusted_prompts import UntrustedConfig, measure_untrusted
 from training.tf_runtime import add_log_level_flag, quiet_start
 
 
@@ -77,8 +79,10 @@ class BenchConfig:
     engine: Any  # engine_bench.EngineBenchConfig
     e2e: E2EConfig = field(default_factory=E2EConfig)
     interference: InterferenceConfig = field(default_factory=InterferenceConfig)
+    untrusted: UntrustedConfig = field(default_factory=UntrustedConfig)
     run_e2e: bool = True
     run_interference: bool = True
+    run_untrusted: bool = True
     profile: bool = False  # py-spy the batched server during one extra run at reference_streams
     overlap_startup: bool = False  # --quick: start both servers at once (saves a start-up; not for real figures)
     reference_streams: int = 64
@@ -200,6 +204,11 @@ def run_server_levels(
                     results["interference"] = measure_interference(server.target, "bench", config.interference)
                 except Exception as e:  # the report says what failed; the rest of the run stands
                     results["interference"] = {"error": f"{type(e).__name__}: {e}"}
+            if not baseline and config.run_untrusted:
+                try:
+                    results["untrusted_prompts"] = measure_untrusted(server.target, "bench", config.untrusted)
+                except Exception as e:  # as above
+                    results["untrusted_prompts"] = {"error": f"{type(e).__name__}: {e}"}
     except Exception as e:
         part["error"] = f"{type(e).__name__}: {e}"
         print(f"  e2e {tag} failed: {part['error']}", file=sys.stderr, flush=True)
@@ -236,6 +245,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "engine": asdict(config.engine),
             "e2e": asdict(config.e2e),
             "interference": asdict(config.interference),
+            "untrusted_prompts": asdict(config.untrusted),
             "reference_streams": config.reference_streams,
             "capacity_streams": config.capacity_streams,
         },
@@ -321,12 +331,14 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--repeats", type=int, help="repeats per figure (medians are reported)")
     parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
     parser.add_argument("--no-interference", action="store_true")
+    parser.add_argument("--no-untrusted", action="store_true", help="skip the untrusted-prompt scenario")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
     parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
     parser.add_argument("--call-budget-ms", type=float, help="the servers' --call-budget-ms (default 25)")
     add_log_level_flag(parser)
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
+    untrusted = UntrustedConfig()
     reference, capacity = 64, 1000
     if args.quick:
         model = ModelSpec(units=16, embedding_dim=16, corpus_chars=20_000)
@@ -341,7 +353,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
             steps_per_call=(4,),
             variant_repeats=1,
         )
-        e2e, inter = QUICK_E2E, QUICK_INTERFERENCE
+        e2e, inter, untrusted = QUICK_E2E, QUICK_INTERFERENCE, QUICK_UNTRUSTED
         reference, capacity = 4, 4
     for name in ("units", "layers"):
         value = getattr(args, name)
@@ -378,8 +390,10 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         engine=engine,
         e2e=e2e,
         interference=inter,
+        untrusted=untrusted,
         run_e2e=not args.no_e2e,
         run_interference=not args.no_interference,
+        run_untrusted=not args.no_untrusted,
         profile=args.profile,
         overlap_startup=args.quick,
         reference_streams=reference,
@@ -399,8 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f.read())
     print("wrote " + ", ".join(paths.values()))
     failed = [k for k, v in results.get("e2e", {}).items() if v.get("error")]
-    if results.get("interference", {}).get("error"):
-        failed.append("interference")
+    failed += [k for k in ("interference", "untrusted_prompts") if results.get(k, {}).get("error")]
     if failed:
         print(f"could not measure: {', '.join(failed)} (see {os.path.join(config.out, 'logs')})", file=sys.stderr)
         return 1

@@ -142,6 +142,34 @@ def _percent(cpu_s: float | None, seconds: float | None) -> float | None:
     return None if cpu_s is None or not seconds else 100.0 * cpu_s / seconds
 
 
+def _untrusted_lines(u: dict[str, Any]) -> list[str]:
+    """The untrusted-prompt scenario: running streams' largest gap between messages, alone and under the prompts."""
+    if u.get("error"):
+        return ["### Untrusted prompts", "", f"Not measured: {u['error']}", ""]
+    if not u:
+        return []
+    lines = [
+        f"### Untrusted prompts (largest gap between messages of {u['config']['streams']} running streams; "
+        f"{u['attack']}, {u['prompt_bytes']:,} bytes each)",
+        "",
+        "| phase | median ms | max ms | stream errors | prompts' status codes |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for key, title in (("quiet", "nothing else arriving"), ("attacked", "prompts arriving")):
+        p = u.get(key, {})
+        codes = ", ".join(f"{c} x{n}" for c, n in p.get("codes", {}).items()) or "–"
+        lines.append(
+            f"| {title} | {_f(p.get('median_ms'))} | {_f(p.get('max_ms'))} "
+            f"| {sum(p.get('stream_errors', {}).values())} | {codes} |"
+        )
+    return [
+        *lines,
+        "",
+        f"Ratio with / without: median {_f(u.get('ratio_median'), 2)}x, max {_f(u.get('ratio_max'), 2)}x.",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole run as markdown tables."""
     lines: list[str] = []
@@ -225,6 +253,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {(p.get('running_errors') or 0) + (p.get('arrival_errors') or 0)} |"
             )
         lines.append("")
+    lines += _untrusted_lines(results.get("untrusted_prompts", {}))
     prof = results.get("profile", {})
     if prof.get("error"):
         lines += ["### Server profile", "", f"Not measured: {prof['error']}", ""]

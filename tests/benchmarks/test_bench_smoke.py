@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from benchmarks.bench import parse_config
 from benchmarks.e2e_bench import StreamRecord, percentile, summarize, summarize_profile
 from benchmarks.interference import itl_in_window
 from benchmarks.report import targets
+from benchmarks.untrusted_prompts import largest_gap_ms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -174,6 +176,8 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         assert inter[phase]["itl_samples"] > 0
         assert inter[phase]["running_errors"] == 0
     assert inter["with_arrivals"]["arrival_errors"] == 0
+    assert results["untrusted_prompts"]["codes"] == {"INVALID_ARGUMENT": 8}
+    assert "### Untrusted prompts" in (out / "table.md").read_text()
 
     assert len(results["targets"]) == 6
     assert all(t["passed"] is not None for t in results["targets"])  # every target was measured
@@ -182,3 +186,37 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     for png in ("throughput.png", "latency.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png
+
+
+def test_largest_gap_spans_one_streams_calls_and_keeps_gaps_ending_inside() -> None:
+    first = StreamRecord(start=0.0, arrivals=[(1.0, 1), (1.5, 1), (2.9, 1)])
+    second = StreamRecord(start=3.0, arrivals=[(3.2, 1), (3.4, 1), (9.0, 1)])  # from one call to the next is no gap
+    assert largest_gap_ms([first, second], 1.2, 4.0) == pytest.approx(1400.0)
+    assert largest_gap_ms([first, second], 3.5, 8.0) is None
+
+
+@pytest.mark.timeout(300)
+def test_untrusted_prompts_quick_run_reports_both_phases_and_the_refusals(tmp_path: Path) -> None:
+    out = tmp_path / "untrusted.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.untrusted_prompts", "--quick", "--out-json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["prompt_bytes"] == 65_533
+    assert result["config"]["streams"] == 4 and result["config"]["clients"] == 8
+    for phase in ("quiet", "attacked"):
+        part = result[phase]
+        assert len(part["largest_gap_ms"]) == 4 and all(g is not None and g > 0 for g in part["largest_gap_ms"])
+        assert part["median_ms"] == pytest.approx(statistics.median(part["largest_gap_ms"]))
+        assert part["max_ms"] == max(part["largest_gap_ms"])
+        assert part["stream_errors"] == {}
+    assert result["ratio_median"] == pytest.approx(result["attacked"]["median_ms"] / result["quiet"]["median_ms"])
+    assert result["ratio_max"] == pytest.approx(result["attacked"]["max_ms"] / result["quiet"]["max_ms"])
+    assert result["codes"] == result["attacked"]["codes"] == {"INVALID_ARGUMENT": 8}
+    assert "codes {'INVALID_ARGUMENT': 8}" in proc.stdout
