@@ -58,6 +58,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 8000
+    http_port: int = 8090
+    cors_allow_origin: str | None = None
     max_concurrent: int = 256
     max_queue: int = 1024
     max_batch_size: int = 256
@@ -158,6 +160,15 @@ def _problems(c: ServerConfig) -> list[str]:
         c.max_receive_message_bytes,
         f">= --max-prompt-bytes + 4096 ({c.max_prompt_bytes + 4096})",
     )
+    need(-1 <= c.http_port <= 65535, "http_port", c.http_port, "in [-1, 65535] (-1 = off, 0 picks a free port)")
+    for origin in (c.cors_allow_origin or "").split(","):
+        origin = origin.strip()
+        need(
+            origin == "*" or origin.startswith(("http://", "https://")) or c.cors_allow_origin is None,
+            "cors_allow_origin",
+            c.cors_allow_origin,
+            "'*' or comma-separated origins such as https://app.example.com",
+        )
     need(-1 <= c.health_port <= 65535, "health_port", c.health_port, "in [-1, 65535] (-1 = off, 0 picks a free port)")
     need((c.tls_cert is None) == (c.tls_key is None), "tls_key", c.tls_key, "given together with --tls-cert")
     need(c.tls_client_ca is None or c.tls_cert is not None, "tls_client_ca", c.tls_client_ca, "used with --tls-cert")
@@ -200,6 +211,9 @@ _HELP = {
     "host": "address to listen on",
     "port": "gRPC port (0 picks a free one; the bound port is logged)",
     "metrics_port": "Prometheus /metrics HTTP port (0 picks a free one)",
+    "http_port": "OpenAI-compatible HTTP API and playground port (-1 = off, 0 picks a free one)",
+    "cors_allow_origin": "origins whose browser pages may call the HTTP API: '*' or a comma-separated list "
+    "(default: none)",
     "max_concurrent": "active sequences at most (all models)",
     "max_queue": "requests accepted but waiting at most; beyond that RESOURCE_EXHAUSTED",
     "max_batch_size": "sequences advanced in one engine step (1 = no batching)",

@@ -33,8 +33,8 @@ class ServingMetrics:
         r = self.registry
         self.request_duration = Histogram(
             "textgen_request_duration_seconds",
-            "Time from the arrival of a generation RPC to its last message.",
-            ["model"],
+            "Time from the arrival of a generation request to its last message.",
+            ["model", "protocol"],
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
@@ -75,8 +75,8 @@ class ServingMetrics:
         )
         self.requests_total = Counter(
             "textgen_requests",
-            "Generation RPCs finished, by gRPC status code.",
-            ["model", "code"],
+            "Generation requests finished, by gRPC status code (HTTP statuses map from these) and protocol.",
+            ["model", "code", "protocol"],
             registry=r,
         )
         self.prompt_tokens = Counter(

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ from service.auth import TokenAuthInterceptor, TokenFileError, TokenStore
 from service.config import ConfigError, ServerConfig, parse_config
 from service.decoder import configure_cpu_threads
 from service.engine import Engine
+from service.http_frontend import HttpFrontend, http_ssl_context
 from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
 from service.servicer import UNRESOLVED_MODEL, TextGenerationServicer, add_to_server
@@ -93,7 +95,9 @@ class Server:
         prompt.prepare()  # the Stream-Safe check's table, built before any request waits for it
         self.servicer = TextGenerationServicer(config, self.repository, self.engine, self.metrics)
         self.health = health.aio.HealthServicer()
+        self.http: HttpFrontend | None = None
         self.port = 0
+        self.http_port = 0  # the OpenAI-compatible HTTP API's port; 0 while off
         self.metrics_port = 0
         self.ready = asyncio.Event()  # set while health says SERVING
         self._serving = False
@@ -122,13 +126,19 @@ class Server:
                 if config.tls_cert and config.tls_key
                 else None
             )
+            tokens = TokenStore(config.auth_token_file) if config.auth_token_file else None
             interceptors = (
-                [TokenAuthInterceptor(TokenStore(config.auth_token_file), on_denied=self._count_unauthenticated)]
-                if config.auth_token_file
-                else []
+                [TokenAuthInterceptor(tokens, on_denied=self._count_unauthenticated)] if tokens is not None else []
+            )
+            ssl_context = (
+                http_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+                if config.tls_cert and config.tls_key and config.http_port >= 0
+                else None
             )
         except (TLSConfigError, TokenFileError) as exc:
             raise OSError(str(exc)) from exc
+        except ssl.SSLError as exc:
+            raise OSError(f"--tls-cert/--tls-key cannot be used for the HTTP port: {exc}") from exc
         server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -160,13 +170,24 @@ class Server:
                 raise OSError(f"could not bind the health port {address}:{config.health_port}")
             await health_server.start()
             self._health_grpc = health_server
+        if config.http_port >= 0:
+            self.http = HttpFrontend(
+                config,
+                self.repository,
+                self.engine,
+                self.metrics,
+                is_ready=lambda: self._serving and not self._stopping,
+                tokens=tokens,
+            )
+            self.http_port = await self.http.start(host, config.http_port, ssl_context)
         self.engine.start()
         await server.start()
         self._grpc = server
         log.info(
-            "textgen serving gRPC on %s:%d, metrics on http://%s:%d/metrics",
+            "textgen serving gRPC on %s:%d, HTTP on %s, metrics on http://%s:%d/metrics",
             config.host,
             self.port,
+            f"{'https' if ssl_context else 'http'}://{config.host}:{self.http_port}" if self.http else "no port",
             config.host,
             self.metrics_port,
         )
@@ -210,7 +231,7 @@ class Server:
         return self._loader is not None and self._loader.is_alive()
 
     def _count_unauthenticated(self, method: str) -> None:
-        self.metrics.requests_total.labels(model=UNRESOLVED_MODEL, code="UNAUTHENTICATED").inc()
+        self.metrics.requests_total.labels(model=UNRESOLVED_MODEL, code="UNAUTHENTICATED", protocol="grpc").inc()
 
     def _models_changed(self) -> None:
         """Called by the repository (from its thread) when the set of loaded versions changed."""
@@ -245,6 +266,8 @@ class Server:
         log.info("shutting down: running streams get %.1f s to finish", grace)
         await self.health.enter_graceful_shutdown()
         self.servicer.begin_shutdown()
+        if self.http is not None:
+            self.http.begin_shutdown()
         self.engine.close()
         for task in self._tasks:
             task.cancel()
@@ -265,6 +288,8 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         await asyncio.to_thread(self.engine.stop, 5.0)
+        if self.http is not None:
+            await self.http.stop()  # its streams have ended with the engine's
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._http is not None:
@@ -303,7 +328,11 @@ async def serve(
     try:
         await server.start()
         # One line a supervisor (or a test) can read to find the bound ports.
-        print(f"textgen: listening on port {server.port}, metrics on port {server.metrics_port}", flush=True)
+        print(
+            f"textgen: listening on port {server.port}, metrics on port {server.metrics_port}, "
+            f"http on port {server.http_port}",
+            flush=True,
+        )
         await stop.wait()
         await server.shutdown()
     finally:

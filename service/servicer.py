@@ -3,7 +3,7 @@
 The servicer never touches TensorFlow and never samples: it validates a request into
 ``SamplingParams`` (``validate_request``, a pure function), hands it to the ``Engine``,
 and turns the engine's ``Chunk``s into ``GenerateResponse`` messages. Every failure
-goes through one place (``_status_of``), which picks the documented gRPC code,
+goes through one place (``service.request.status_of``, shared with HTTP), which picks the documented gRPC code,
 logs unexpected exceptions once, and never lets a request end as UNKNOWN.
 
 ``Generate`` writes its messages itself (``context.write``), each bounded by
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -32,39 +30,35 @@ from google.protobuf.message import DecodeError, Message
 
 from service.api import textgen_pb2, textgen_pb2_grpc
 from service.config import RequestLimits, ServerConfig
-from service.engine import CapacityError, Engine, EngineClosedError
+from service.engine import Engine
 from service.metrics import ServingMetrics
-from service.model_repository import LoadedModel, ModelNotFoundError, ModelRepository, NoModelLoadedError
-from service.prompt import UnsafeTextError, encode_prompt, normalize_stops
+from service.model_repository import LoadedModel, ModelRepository
+from service.request import (
+    UNRESOLVED_MODEL,
+    Outcome,
+    RequestError,
+    check_sampling,
+    invalid,
+    open_stream,
+    raise_for_unfinished,
+    record,
+    shutting_down,
+    status_of,
+)
 from service.sampling import SamplingParams
 from service.stream import Chunk, FinishReason
+
+__all__ = ["UNRESOLVED_MODEL", "RequestError", "RequestLimits", "invalid", "validate_request", "add_to_server"]
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_LENGTH = 128
-MAX_TOP_K = 2**31 - 1  # the engine holds top_k as int32
-# The metric label used before a request has been resolved to a loaded model, so that
-# names sent by clients never become label values (unbounded cardinality).
-UNRESOLVED_MODEL = "unresolved"
 
 # The reasons a stream ends normally, as the proto says them; every other reason ends it with a status.
 FINISH_REASONS = {
     FinishReason.LENGTH: textgen_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: textgen_pb2.FINISH_REASON_STOP,
 }
-
-
-class RequestError(Exception):
-    """A request ends with this gRPC status code and message (raised by validation and the servicer)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def stream_write_timeout(seconds: float, completion_tokens: int, request_id: str) -> RequestError:
@@ -181,76 +175,25 @@ def validate_request(request: textgen_pb2.GenerateRequest, limits: RequestLimits
     Messages name the field, the value and the limit, e.g.
     ``temperature must be a finite number >= 0, got nan``.
     """
-    temperature = float(request.temperature)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise invalid(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    top_p = float(request.top_p)
-    if not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
-        raise invalid(f"top_p must be in [0, 1] (0 or 1 = off), got {top_p!r}")
-    if request.max_tokens > limits.max_tokens_limit:
-        raise invalid(
-            f"max_tokens must be <= {limits.max_tokens_limit} (the server's --max-tokens-limit), "
-            f"got {request.max_tokens}"
-        )
-    prompt_bytes = len(request.prompt.encode("utf-8", errors="surrogatepass"))
-    if prompt_bytes > limits.max_prompt_bytes:
-        raise invalid(
-            f"prompt must be at most {limits.max_prompt_bytes} bytes of UTF-8 (the server's --max-prompt-bytes), "
-            f"got {prompt_bytes} bytes"
-        )
-    stops = tuple(request.stop)
-    if len(stops) > limits.max_stop_sequences:
-        raise invalid(
-            f"stop must hold at most {limits.max_stop_sequences} sequences (the server's --max-stop-sequences), "
-            f"got {len(stops)}"
-        )
-    for i, stop in enumerate(stops):
-        if not stop:
-            raise invalid(f"stop[{i}] must not be empty")
-        if len(stop) > limits.max_stop_length:
-            raise invalid(
-                f"stop[{i}] must be at most {limits.max_stop_length} characters (the server's --max-stop-length), "
-                f"got {len(stop)}"
-            )
-    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
-        raise invalid(f"request_id must be at most {MAX_REQUEST_ID_LENGTH} characters, got {len(request.request_id)}")
-    return SamplingParams(
-        max_tokens=request.max_tokens or limits.default_max_tokens,
-        temperature=temperature,
-        top_k=min(int(request.top_k), MAX_TOP_K),  # uint32 on the wire; any k >= the vocabulary keeps all
-        top_p=1.0 if top_p == 0.0 else top_p,
+    params = check_sampling(
+        limits,
+        prompt=request.prompt,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,  # uint32 on the wire
         seed=int(request.seed) if request.HasField("seed") else None,
-        stop=stops,
+        stops=request.stop,
         include_tokens=request.include_tokens,
     )
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise invalid(f"request_id must be at most {MAX_REQUEST_ID_LENGTH} characters, got {len(request.request_id)}")
+    return params
 
 
 def _status_of(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
-    """The one place that maps an exception to the gRPC status a client sees."""
-    if isinstance(exc, RequestError):
-        return exc.code, exc.message
-    if isinstance(exc, ModelNotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, NoModelLoadedError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, CapacityError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, EngineClosedError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is shutting down"
-    log.exception("request %s failed unexpectedly", request_id, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); request_id={request_id}"
-
-
-@dataclass
-class _Outcome:
-    """What the metrics and the request log need to know about a finished RPC."""
-
-    request_id: str
-    model: str = UNRESOLVED_MODEL
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = ""
+    """The status a client sees for ``exc`` (``service.request.status_of``)."""
+    return status_of(exc, request_id)
 
 
 class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
@@ -279,7 +222,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     ) -> None:
         """Streams with ``context.write`` (not an async generator), so that every write has a time bound."""
         request_id = _request_id(request)
-        outcome = _Outcome(request_id)
+        outcome = Outcome(request_id, "grpc")
         started = time.monotonic()
         task = asyncio.current_task()
         assert task is not None  # grpc.aio runs each RPC in a task of its own
@@ -306,7 +249,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         response: textgen_pb2.GenerateResponse,
         first: bool,
         writer: _Writer,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> None:
         """Hands one message to gRPC, waiting at most ``--stream-write-timeout`` for a client that is not reading.
 
@@ -340,7 +283,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         self, request: textgen_pb2.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> textgen_pb2.GenerateResponse | None:
         request_id = _request_id(request)
-        outcome = _Outcome(request_id)
+        outcome = Outcome(request_id, "grpc")
         started = time.monotonic()
         try:
             parts: list[textgen_pb2.GenerateResponse] = []
@@ -369,7 +312,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
                 max_prompt_bytes=self._limits.max_prompt_bytes,
             )
         except BaseException as exc:
-            await self._fail(exc, "ListModels", context, _Outcome("ListModels"))
+            await self._fail(exc, "ListModels", context, Outcome("ListModels", "grpc"))
             return None  # the status is queued (see _fail); grpc ends the RPC with it
 
     # ------------------------------------------------------------------ the generation itself
@@ -378,37 +321,35 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         request: textgen_pb2.GenerateRequest | MalformedRequest,
         request_id: str,
         context: grpc.aio.ServicerContext,
-        outcome: _Outcome,
+        outcome: Outcome,
         started: float,
     ) -> AsyncGenerator[textgen_pb2.GenerateResponse, None]:
         if isinstance(request, MalformedRequest):
             raise invalid(request.message)
         if self._shutting_down:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            raise shutting_down()
         params = validate_request(request, self._limits)
-        model = self._repository.resolve(request.model, int(request.model_version))
-        outcome.model = model.name
-        try:
-            params = dataclasses.replace(params, stop=normalize_stops(model.tokenizer, params.stop))
-            prompt_ids = await encode_prompt(model.tokenizer, request.prompt)
-        except UnsafeTextError as exc:
-            raise invalid(str(exc)) from None
-        stream = self._engine.submit(
-            model, prompt_ids, params, asyncio.get_running_loop(), deadline=self._deadline(context, started)
+        model, stream = await open_stream(
+            self._repository,
+            self._engine,
+            params,
+            model_name=request.model,
+            model_version=int(request.model_version),
+            prompt=request.prompt,
+            deadline=self._deadline(context, started),
+            outcome=outcome,
         )
         # However the RPC ends (even while a message is being written), the row leaves the batch.
         context.add_done_callback(lambda _: stream.cancel())
         try:
             while True:
                 chunk = await stream.next_chunk()
+                outcome.update(chunk)
                 if chunk.finish_reason is None:
-                    outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                     if chunk.text or chunk.token_ids:
                         yield self._response(chunk, request_id, model)
                     continue
-                outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-                outcome.finish_reason = chunk.finish_reason.value
-                self._raise_for_unfinished(chunk, request_id)
+                raise_for_unfinished(chunk, request_id)
                 last = self._response(chunk, request_id, model)
                 last.finish_reason = FINISH_REASONS[chunk.finish_reason]
                 last.usage.prompt_tokens = chunk.prompt_tokens
@@ -432,25 +373,6 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         return min(candidates) if candidates else None
 
     @staticmethod
-    def _raise_for_unfinished(chunk: Chunk, request_id: str) -> None:
-        reason = chunk.finish_reason
-        if reason is None or reason in FINISH_REASONS:
-            return
-        if reason is FinishReason.DEADLINE:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
-        if reason is FinishReason.CANCELLED:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the request was cancelled by the server (shutting down)")
-        if reason is FinishReason.RESOURCE_EXHAUSTED:
-            log.error("request %s ran out of memory in the engine: %s", request_id, chunk.error)
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server ran out of memory for this step: {chunk.error}; retry later or ask for less; "
-                f"request_id={request_id}",
-            )
-        log.error("request %s failed in the engine: %s", request_id, chunk.error)
-        raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {chunk.error}; request_id={request_id}")
-
-    @staticmethod
     def _response(chunk: Chunk, request_id: str, model: LoadedModel) -> textgen_pb2.GenerateResponse:
         response = textgen_pb2.GenerateResponse(
             text=chunk.text, request_id=request_id, model=model.name, model_version=model.version
@@ -464,7 +386,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
 
     # ------------------------------------------------------------------ errors and metrics
     async def _fail(
-        self, exc: BaseException, request_id: str, context: grpc.aio.ServicerContext, outcome: _Outcome
+        self, exc: BaseException, request_id: str, context: grpc.aio.ServicerContext, outcome: Outcome
     ) -> None:
         """Ends the RPC with the status ``exc`` maps to; re-raises cancellation and aborts as they are.
 
@@ -494,20 +416,8 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
             if _deadline_passed(context):
                 outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
 
-    def _record(self, outcome: _Outcome, started: float) -> None:
-        elapsed = time.monotonic() - started
-        self._metrics.requests_total.labels(model=outcome.model, code=outcome.code.name).inc()
-        self._metrics.request_duration.labels(model=outcome.model).observe(elapsed)
-        log.info(
-            "request %s model=%s code=%s finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
-            outcome.request_id,
-            outcome.model,
-            outcome.code.name,
-            outcome.finish_reason or "-",
-            outcome.prompt_tokens,
-            outcome.completion_tokens,
-            elapsed,
-        )
+    def _record(self, outcome: Outcome, started: float) -> None:
+        record(self._metrics, outcome, started, log)
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:

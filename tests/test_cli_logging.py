@@ -174,7 +174,7 @@ def test_serve_starts_without_tensorflow_lines(tiny_model_repo: Path, tmp_path: 
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--models", str(tiny_model_repo), "--host", "127.0.0.1"]
-            + ["--port", "0", "--metrics-port", "0", "--poll-seconds", "0"],
+            + ["--port", "0", "--metrics-port", "0", "--http-port", "0", "--poll-seconds", "0"],
             cwd=ROOT,
             env=_env(),
             stdout=subprocess.DEVNULL,

@@ -216,7 +216,8 @@ def test_unreadable_certificate_or_token_file_is_a_clear_startup_error(tiny_mode
 
     bad = tmp_path / "not-a-cert.pem"
     bad.write_text("hello", encoding="utf-8")
-    models = ["--models", str(tiny_model_repo), "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"]
+    models = ["--models", str(tiny_model_repo), "--port", "0", "--metrics-port", "0", "--http-port", "0"]
+    models += ["--host", "127.0.0.1"]
     err = io.StringIO()
     import contextlib
 

@@ -143,7 +143,8 @@ def test_streams_cut_at_the_end_of_the_grace_are_counted_as_the_client_saw_them(
     shutdown.result(timeout=60)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     counted = {
-        code: registry.get_sample_value("textgen_requests_total", {"model": "tiny", "code": code}) or 0.0
+        code: registry.get_sample_value("textgen_requests_total", {"model": "tiny", "code": code, "protocol": "grpc"})
+        or 0.0
         for code in ("UNAVAILABLE", "CANCELLED")
     }
     assert counted == {"UNAVAILABLE": 1.0, "CANCELLED": 0.0}
