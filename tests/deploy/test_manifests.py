@@ -204,7 +204,11 @@ def test_probes_use_the_grpc_health_service_on_the_serving_port(name: str) -> No
     container = only_container(objects[("Deployment", "textgen")])
     config = server_config_map(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(config["TEXTGEN_PORT"]), "metrics": int(config["TEXTGEN_METRICS_PORT"])}
+    assert ports == {
+        "grpc": int(config["TEXTGEN_PORT"]),
+        "metrics": int(config["TEXTGEN_METRICS_PORT"]),
+        "http": int(config["TEXTGEN_HTTP_PORT"]),
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"], probe
     # Ready only once the model service is SERVING; started and alive while the process answers at
@@ -285,12 +289,12 @@ def test_config_map_holds_only_settings_the_server_understands() -> None:
 # ---- Services, autoscaling, disruption budget, monitoring -------------------------------
 
 
-def test_service_exposes_named_grpc_and_metrics_ports_of_the_server_pods() -> None:
+def test_service_exposes_named_grpc_http_and_metrics_ports_of_the_server_pods() -> None:
     objects = rendered("base")
     pod_labels = objects[("Deployment", "textgen")]["spec"]["template"]["metadata"]["labels"]
     container_ports = {p["name"] for p in only_container(objects[("Deployment", "textgen")])["ports"]}
     service = objects[("Service", "textgen")]
-    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics", "http"}
     direct = objects[("Service", "textgen-direct")]
     assert direct["spec"]["clusterIP"] == "None", "client-side balancing needs a headless Service"
     assert not direct["spec"].get("publishNotReadyAddresses"), "clients must only see ready pods"
@@ -407,9 +411,10 @@ def test_tls_overlay_moves_every_probe_to_the_plaintext_health_port() -> None:
     assert ports == {
         "grpc": int(config["TEXTGEN_PORT"]),
         "metrics": int(config["TEXTGEN_METRICS_PORT"]),
+        "http": int(config["TEXTGEN_HTTP_PORT"]),
         "health": health,
     }
-    assert len(set(ports.values())) == 3
+    assert len(set(ports.values())) == 4
     for probe in PROBES:
         # The kubelet's gRPC probe speaks plaintext and has no client certificate: on the TLS port it would fail.
         assert container[probe]["grpc"]["port"] == health, probe
@@ -491,6 +496,8 @@ def test_tls_overlay_leaves_metrics_plaintext_on_their_own_port() -> None:
     for name in ("textgen", "textgen-direct"):
         grpc_port = next(p for p in tls[("Service", name)]["spec"]["ports"] if p["name"] == "grpc")
         assert grpc_port["appProtocol"] != "kubernetes.io/h2c", f"{name}: the gRPC port is not cleartext any more"
+    http_port = next(p for p in tls[("Service", "textgen")]["spec"]["ports"] if p["name"] == "http")
+    assert http_port["appProtocol"] == "https", "the HTTP API speaks TLS with the gRPC port's certificate"
 
 
 def write_secret_volume(folder: Path, data: dict[str, bytes], generation: int) -> None:
@@ -551,7 +558,14 @@ def test_tls_overlay_settings_serve_tls_with_plaintext_health_and_rotating_token
     assert config.tls_client_ca is not None and config.auth_token_file is not None
     # Everything from the overlay except where this test can bind and find its model.
     config = dataclasses.replace(
-        config, models=str(tiny_model_repo), host="127.0.0.1", port=0, metrics_port=0, health_port=0, default_model=None
+        config,
+        models=str(tiny_model_repo),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        http_port=0,
+        health_port=0,
+        default_model=None,
     )
     running = start_server(config=config)
     try:
