@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
+from benchmarks.http_bench import measure_http_level
 from benchmarks.interference import InterferenceConfig, measure_interference
 from benchmarks.untrusted_prompts import QUICK as QUICK_UNTRUSTED
 from benchmarks.untrusted_prompts import UntrustedConfig, measure_untrusted
@@ -195,6 +196,19 @@ def run_server_levels(
                 print(
                     f"  e2e {tag}: {n} streams x {tokens} tokens: {level['tokens_per_s']:,.0f} tokens/s, "
                     f"errors {level['errors']}",
+                    flush=True,
+                )
+            if not baseline and config.reference_streams in streams:
+                # The same load over the HTTP API (SSE), on the same server, right after the gRPC levels.
+                n = config.reference_streams
+                runs = [
+                    measure_http_level(server, n, e2e.tokens_for(n), e2e.prompt_chars, e2e.level_timeout)
+                    for _ in range(repeats)
+                ]
+                part["http"] = _median_level(runs)
+                print(
+                    f"  e2e {tag} over HTTP SSE: {n} streams: {part['http']['tokens_per_s']:,.0f} tokens/s, "
+                    f"errors {part['http']['errors']}",
                     flush=True,
                 )
             if not baseline and config.profile:

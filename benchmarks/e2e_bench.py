@@ -274,7 +274,9 @@ class ServerProcess:
         self.log_path = log_path
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.target = f"{LOCALHOST}:{self.port}"
+        self.http_target = f"{LOCALHOST}:{self.http_port}"  # the OpenAI-compatible API (benchmarks/http_bench.py)
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -301,6 +303,8 @@ class ServerProcess:
             str(self.port),
             "--metrics-port",
             str(self.metrics_port),
+            "--http-port",
+            str(self.http_port),
             "--max-batch-size",
             str(s.max_batch_size),
             "--max-concurrent",

@@ -65,6 +65,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
     capacity = _level(e2e.get("batched", {}).get("levels", []), cap)
     seeds = results.get("engine", {}).get("seed_loop", {}).get("tokens_per_s")
     rate = None if batched is None else float(batched["tokens_per_s"])
+    http = e2e.get("batched", {}).get("http")
     inter = results.get("interference", {})
     with_p99 = inter.get("with_arrivals", {}).get("itl_ms_p99")
     without_p50 = inter.get("without_arrivals", {}).get("itl_ms_p50")
@@ -85,6 +86,13 @@ def targets(results: dict[str, Any]) -> list[Target]:
             "x",
         ),
         Target("interference: ITL p99 with long prompts / p50 without", _ratio(with_p99, without_p50), 2.0, False, "x"),
+        Target(
+            f"{ref} streams: e2e tokens/s over HTTP SSE vs gRPC",
+            _ratio(None if http is None else float(http["tokens_per_s"]), rate),
+            0.7,
+            True,
+            "x",
+        ),
         Target(f"{cap} streams: errors", None if capacity is None else float(capacity["errors"]), 0.0, False, ""),
         Target(
             f"{cap} streams: server RSS per stream (peak - RSS after warm-up) / streams",
@@ -234,6 +242,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(r.get('client_cpu_percent'), 0)} | {_f(r.get('server_mean_batch'))} "
                 f"| {_f(r.get('server_step_ms_mean'), 2)} | {_f(_percent(r.get('server_step_share'), 1.0), 0)} |"
             )
+        http = part.get("http")
+        if http:
+            lines += [
+                "",
+                "| the same server over HTTP SSE: streams | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms "
+                "| errors | server CPU % | client CPU % |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {http['streams']} | {_f(http['tokens_per_s'])} | {_f(http['ttft_ms_p50'])} "
+                f"| {_f(http['itl_ms_p50'], 2)} | {_f(http['itl_ms_p99'], 2)} | {http['errors']} "
+                f"| {_f(_percent(http.get('server_cpu_s'), http.get('seconds')), 0)} "
+                f"| {_f(http.get('client_cpu_percent'), 0)} |",
+            ]
         lines.append("")
     inter = results.get("interference", {})
     if inter.get("error"):

@@ -99,7 +99,9 @@ def test_default_config_is_the_issue_run(tmp_path: Path) -> None:
     assert config.interference.interval == pytest.approx(0.1)
 
 
-def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float):
+def _results(
+    e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float, http_64: float
+):
     level = {"streams": 64, "tokens_per_s": e2e_64, "errors": 0, "server_rss_kb_per_stream_since_warmup": 10.0}
     return {
         "config": {"reference_streams": 64, "capacity_streams": 1000},
@@ -109,7 +111,8 @@ def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_
         },
         "e2e": {
             "batched": {
-                "levels": [level, dict(level, streams=1000, errors=3, server_rss_kb_per_stream_since_warmup=70.0)]
+                "levels": [level, dict(level, streams=1000, errors=3, server_rss_kb_per_stream_since_warmup=70.0)],
+                "http": dict(level, tokens_per_s=http_64),
             },
             "max_batch_size_1": {"levels": [{"streams": 64, "tokens_per_s": mbs1_64}]},
         },
@@ -118,10 +121,10 @@ def _results(e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_
 
 
 def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
-    good = {t.name: t for t in targets(_results(10_000, 1_000, 15_000, 10, 3.9, 2.0))}
-    assert [t.passed for t in good.values()] == [True, True, True, True, False, False]
-    bad = [t.passed for t in targets(_results(7_000, 1_000, 12_000, 10, 4.1, 2.0))]
-    assert bad[:4] == [False, False, False, False]
+    good = {t.name: t for t in targets(_results(10_000, 1_000, 15_000, 10, 3.9, 2.0, 7_000))}
+    assert [t.passed for t in good.values()] == [True, True, True, True, True, False, False]
+    bad = [t.passed for t in targets(_results(7_000, 1_000, 12_000, 10, 4.1, 2.0, 4_800))]
+    assert bad[:5] == [False, False, False, False, False]
     missing = targets({"config": {"reference_streams": 64, "capacity_streams": 1000}})
     assert all(t.passed is None for t in missing)
 
@@ -179,7 +182,10 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert results["untrusted_prompts"]["codes"] == {"INVALID_ARGUMENT": 8}
     assert "### Untrusted prompts" in (out / "table.md").read_text()
 
-    assert len(results["targets"]) == 6
+    http = results["e2e"]["batched"]["http"]  # the same load over HTTP SSE at the reference level
+    assert http["streams"] == 4 and http["errors"] == 0 and http["completed"] == 4
+    assert http["tokens"] == 4 * http["max_tokens"] and http["tokens_per_s"] > 0
+    assert len(results["targets"]) == 7
     assert all(t["passed"] is not None for t in results["targets"])  # every target was measured
     assert results["machine"]["nproc"] >= 1
     assert "### Targets" in (out / "table.md").read_text()

@@ -1,0 +1,156 @@
+"""End-to-end load over the HTTP API: N concurrent ``POST /v1/completions`` streams (SSE), in a process of its own.
+
+The load generator (``python -m benchmarks.http_bench --target HOST:HTTP_PORT --streams N ...``)
+sends the requests the gRPC generator sends (same prompts, seeds, temperature and
+``max_tokens``), one connection per stream as separate clients would have, and records when
+each ``data:`` event with text arrives; tokens come from the usage chunk
+(``stream_options.include_usage``). The summary is ``e2e_bench.summarize``'s, so the two
+protocols' figures compare directly. ``measure_http_level`` runs it against a running
+``e2e_bench.ServerProcess``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.e2e_bench import (
+    RssSampler,
+    ServerProcess,
+    StreamRecord,
+    cpu_seconds,
+    run_load,
+    scrape_server,
+    server_view,
+    summarize,
+)
+from benchmarks.prompts import bench_corpus, prompt
+
+
+def completion_body(index: int, max_tokens: int, prompt_chars: int, corpus: str, model: str) -> dict[str, Any]:
+    """The HTTP twin of ``e2e_bench.generate_request``."""
+    return {
+        "model": model or None,
+        "prompt": prompt(index, prompt_chars, corpus),
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": index + 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def run_http_stream(session: Any, url: str, body: dict[str, Any]) -> StreamRecord:
+    """One streamed completion from send to ``[DONE]``; an error is recorded by HTTP status or event code."""
+    import aiohttp
+
+    record = StreamRecord(start=time.perf_counter())
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                record.error = f"HTTP_{response.status}"
+                return record
+            buffer = b""
+            async for data in response.content.iter_any():
+                now = time.perf_counter()
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    payload = event.removeprefix(b"data: ")
+                    if payload == b"[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        record.error = str(chunk["error"].get("code", "error")).upper()
+                    elif chunk.get("usage"):
+                        record.completion_tokens = int(chunk["usage"]["completion_tokens"])
+                        record.finished = True
+                    elif chunk["choices"] and chunk["choices"][0]["text"]:
+                        record.arrivals.append((now, len(chunk["choices"][0]["text"])))  # char model
+    except aiohttp.ClientError as e:
+        record.error = type(e).__name__
+    except asyncio.CancelledError:
+        record.error = "CLIENT_TIMEOUT"
+    return record
+
+
+async def concurrent_http_load(
+    target: str, streams: int, max_tokens: int, prompt_chars: int, timeout: float, model: str
+) -> dict[str, Any]:
+    """``streams`` concurrent streamed completions started together; returns ``summarize`` of them."""
+    import aiohttp
+
+    corpus = bench_corpus(200_000)
+    url = f"http://{target}/v1/completions"
+    bodies = [completion_body(i, max_tokens, prompt_chars, corpus, model) for i in range(streams)]
+    connector = aiohttp.TCPConnector(limit=0)  # a connection per stream
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        tasks = [asyncio.ensure_future(run_http_stream(session, url, body)) for body in bodies]
+        done, pending = await asyncio.wait(tasks, timeout=timeout + 5.0)
+        for task in pending:
+            task.cancel()
+        records = [t.result() for t in done] + [await t for t in pending]
+    return summarize(records)
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.http_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="HOST:PORT of the server's HTTP API")
+    parser.add_argument("--streams", type=int, required=True, help="concurrent streamed completions")
+    parser.add_argument("--max-tokens", type=int, required=True, help="tokens per completion")
+    parser.add_argument("--prompt-chars", type=int, default=16)
+    parser.add_argument("--model", default="", help="model name ('' = the server's default)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole load")
+    parser.add_argument("--out-json", required=True)
+    args = parser.parse_args(argv)
+    for name in ("streams", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    cpu_before, wall_before = _own_cpu_seconds(), time.perf_counter()
+    summary = asyncio.run(
+        concurrent_http_load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model)
+    )
+    summary["client_cpu_percent"] = 100.0 * (_own_cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
+    with open(args.out_json, "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+    return 0
+
+
+def measure_http_level(
+    server: ServerProcess, streams: int, max_tokens: int, prompt_chars: int, timeout: float
+) -> dict[str, Any]:
+    """One concurrency level over HTTP SSE against a running server (``e2e_bench.measure_level``'s twin)."""
+    before = server.rss_kb() or 0
+    cpu_before = cpu_seconds(server.pid) or 0.0
+    counters_before = scrape_server(server.metrics_port)
+    args = ["--target", server.http_target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
+    args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
+    with RssSampler(server.pid) as sampler:
+        summary = run_load("benchmarks.http_bench", args, timeout=timeout + 60.0)
+    cpu_after = cpu_seconds(server.pid)
+    summary.update(server_view(counters_before, scrape_server(server.metrics_port), summary["seconds"]))
+    summary.update(
+        server_cpu_s=None if cpu_after is None else cpu_after - cpu_before,
+        streams=streams,
+        max_tokens=max_tokens,
+        protocol="http",
+        server_rss_kb_before=before,
+        server_rss_kb_peak=sampler.peak_kb,
+        server_rss_kb_per_stream=max(0, sampler.peak_kb - before) / streams,
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(_load_main())
