@@ -5,7 +5,9 @@ opens the stream, maps errors to status codes and records the request metrics (l
 ``protocol="http"``); ``service.openai_api`` holds the request and response bodies. aiohttp
 runs on the server's event loop (``AppRunner``/``TCPSite``, no signal handling of its own),
 with ``handler_cancellation``: a client that disconnects cancels its handler, whose ``finally``
-frees the row at the next model call, counted ``code="CANCELLED"``.
+frees the row at the next model call, counted ``code="CANCELLED"``. An event written while the
+client has unread data waits at most ``--stream-write-timeout``; then the connection is closed,
+the row leaves the batch and the request counts ``RESOURCE_EXHAUSTED``, as on gRPC.
 
 Routes: ``GET /`` (the playground page), ``GET /health`` (200 while SERVING, else 503),
 ``GET /v1/models``, ``POST /v1/completions``; ``POST /v1/chat/completions`` is a 404 that says
@@ -51,6 +53,7 @@ from service.request import (
     record,
     shutting_down,
     status_of,
+    stream_write_timeout,
 )
 from service.stream import Stream
 
@@ -119,6 +122,7 @@ class HttpFrontend:
         self._is_ready = is_ready
         self._tokens = tokens
         self._origins = _origins(config.cors_allow_origin)
+        self._write_timeout = config.stream_write_timeout if config.stream_write_timeout > 0 else None
         self._shutting_down = False
         self._runner: web.AppRunner | None = None
         self._page = importlib.resources.files("service").joinpath("static", PLAYGROUND).read_bytes()
@@ -316,28 +320,64 @@ class HttpFrontend:
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
-        while True:
-            chunk = await stream.next_chunk()
-            outcome.update(chunk)
-            if chunk.finish_reason is None:
-                if chunk.text or chunk.token_ids:
-                    await response.write(_event(completion.chunk_body(chunk, None, asked.include_usage)))
-                continue
-            try:
-                raise_for_unfinished(chunk, outcome.request_id)
-            except RequestError as exc:
-                # The status line has gone: the error is an event of its own, then the stream ends as usual.
-                outcome.code = exc.code
-                await response.write(_event(http_error(exc)[1]))
-                await response.write(_DONE)
+        try:
+            while True:
+                chunk = await stream.next_chunk()
+                outcome.update(chunk)
+                if chunk.finish_reason is None:
+                    if chunk.text or chunk.token_ids:
+                        body = completion.chunk_body(chunk, None, asked.include_usage)
+                        await self._write(request, response, _event(body), outcome)
+                    continue
+                try:
+                    raise_for_unfinished(chunk, outcome.request_id)
+                except RequestError as exc:
+                    # The status line has gone: the error is an event of its own, then the stream ends as usual.
+                    outcome.code = exc.code
+                    await self._write(request, response, _event(http_error(exc)[1]) + _DONE, outcome, last=True)
+                    break
+                events = _event(completion.chunk_body(chunk, chunk.finish_reason.value, asked.include_usage))
+                if asked.include_usage:
+                    events += _event(completion.usage_body(chunk))
+                await self._write(request, response, events + _DONE, outcome, last=True)
                 break
-            await response.write(_event(completion.chunk_body(chunk, chunk.finish_reason.value, asked.include_usage)))
-            if asked.include_usage:
-                await response.write(_event(completion.usage_body(chunk)))
-            await response.write(_DONE)
-            break
-        await response.write_eof()
+        except RequestError as exc:  # the client stopped reading: nothing more can reach it
+            outcome.code = exc.code
+            log.debug("request %s: %s", outcome.request_id, exc.message)
+            if request.transport is not None:
+                request.transport.abort()
         return response
+
+    async def _write(
+        self, request: web.Request, response: web.StreamResponse, data: bytes, outcome: Outcome, last: bool = False
+    ) -> None:
+        """Writes events (the ``last`` ones end the body); while the client has unread data, waits at most
+        ``--stream-write-timeout``.
+
+        A write waits only when the transport's buffer is over its high-water mark, which takes
+        unread data: the timer is armed only then, so a client that keeps up costs none.
+        """
+        transport = request.transport
+        if self._write_timeout is None or transport is None or transport.get_write_buffer_size() == 0:
+            await response.write(data)
+            if last:
+                await self._write_eof(response, outcome)
+            return
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await response.write(data)
+        except TimeoutError:
+            raise stream_write_timeout(self._write_timeout, outcome.completion_tokens, outcome.request_id) from None
+        if last:
+            await self._write_eof(response, outcome)
+
+    async def _write_eof(self, response: web.StreamResponse, outcome: Outcome) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout):  # one timer per stream
+                await response.write_eof()
+        except TimeoutError:
+            seconds = self._write_timeout or 0.0
+            raise stream_write_timeout(seconds, outcome.completion_tokens, outcome.request_id) from None
 
 
 def http_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:

@@ -151,6 +151,15 @@ def status_of(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); request_id={request_id}"
 
 
+def stream_write_timeout(seconds: float, completion_tokens: int, request_id: str) -> RequestError:
+    """The status of a stream whose client did not take a message for ``seconds`` (``--stream-write-timeout``)."""
+    return RequestError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the client did not read its stream for {seconds:g} s (the server's --stream-write-timeout); "
+        f"the stream was ended after {completion_tokens} tokens; request_id={request_id}",
+    )
+
+
 def shutting_down() -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
 

@@ -44,6 +44,7 @@ from service.request import (
     record,
     shutting_down,
     status_of,
+    stream_write_timeout,
 )
 from service.sampling import SamplingParams
 from service.stream import Chunk, FinishReason
@@ -59,15 +60,6 @@ FINISH_REASONS = {
     FinishReason.LENGTH: textgen_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: textgen_pb2.FINISH_REASON_STOP,
 }
-
-
-def stream_write_timeout(seconds: float, completion_tokens: int, request_id: str) -> RequestError:
-    """The status of a stream whose client did not take a message for ``seconds`` (``--stream-write-timeout``)."""
-    return RequestError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"the client did not read its stream for {seconds:g} s (the server's --stream-write-timeout); "
-        f"the stream was ended after {completion_tokens} tokens; request_id={request_id}",
-    )
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,25 @@ def test_sigterm_lets_running_http_streams_finish(start_process: Callable[..., S
             received += part
     assert b'"finish_reason":"length"' in received and b"data: [DONE]\n\n" in received
     assert server.proc.wait(timeout=60) == 0
+
+
+def test_a_client_that_stops_reading_is_cut_after_the_stream_write_timeout(
+    start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # No --request-timeout: however slowly this machine fills the buffers, only the stall ends the stream.
+    running = start_server(http_port=0, stream_write_timeout=1.0, max_tokens_limit=400_000, request_timeout=0)
+    caplog.set_level(logging.WARNING)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once, as a stalled client's would
+    try:
+        sock.connect(("127.0.0.1", running.server.http_port))
+        _send(sock, {"prompt": "The ", "max_tokens": 400_000, "stream": True, "logprobs": 0})
+        _read_first_event(sock)  # then never read again
+        exhausted = {"code": "RESOURCE_EXHAUSTED", "protocol": "http"}
+        assert wait_until(lambda: running.sample("textgen_requests_total", exhausted) == 1, 300)
+        assert wait_until(lambda: running.server.engine.active == 0)
+        # The row left the batch long before max_tokens.
+        assert running.sample("textgen_generated_tokens_total") < 400_000
+    finally:
+        sock.close()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
