@@ -1,8 +1,9 @@
 """``textgen serve``: the grpc.aio server with health, reflection, Prometheus metrics and graceful shutdown.
 
-``Server(config)`` wires one model repository, one engine, one servicer and one
-metrics registry together; ``await server.start()`` binds the ports (port 0 picks
-free ones, reported as ``server.port`` / ``server.metrics_port``), loads the models
+``Server(config)`` wires one model repository, one engine, the gRPC servicer, the HTTP
+frontend (``service/http_frontend.py``, on the same loop) and one metrics registry together;
+``await server.start()`` binds the ports (port 0 picks free ones, reported as ``server.port``,
+``server.http_port`` and ``server.metrics_port``), loads the models
 in a worker thread (never on the event loop) and turns health SERVING when one is
 loaded. ``await server.shutdown()`` is the SIGTERM path: health NOT_SERVING, new
 RPCs UNAVAILABLE, running streams get ``grace_seconds`` to finish. Nothing lives in
