@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,11 +172,15 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _load_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_bench", description=__doc__.splitlines()[0])
+LoadFn = Callable[[str, int, int, int, float, str], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def load_main(prog: str, load: LoadFn, what: str, argv: Sequence[str] | None = None) -> int:
+    """The load generator's command line, for a ``load(target, streams, max_tokens, prompt_chars, timeout, model)``."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"{what}: one load level, summary as JSON")
     parser.add_argument("--target", required=True, help="HOST:PORT of the server")
-    parser.add_argument("--streams", type=int, required=True, help="concurrent Generate calls")
-    parser.add_argument("--max-tokens", type=int, required=True, help="tokens per call")
+    parser.add_argument("--streams", type=int, required=True, help="concurrent streams")
+    parser.add_argument("--max-tokens", type=int, required=True, help="tokens per stream")
     parser.add_argument("--prompt-chars", type=int, default=16)
     parser.add_argument("--model", default="", help="model name ('' = the server's default)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole load")
@@ -186,9 +190,7 @@ def _load_main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     cpu_before, wall_before = _own_cpu_seconds(), time.perf_counter()
-    summary = asyncio.run(
-        concurrent_load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model)
-    )
+    summary = asyncio.run(load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model))
     # What the load generator took from the cores the server also runs on.
     summary["client_cpu_percent"] = 100.0 * (_own_cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
     with open(args.out_json, "w", encoding="utf-8") as f:
@@ -541,4 +543,4 @@ def measure_level(
 
 
 if __name__ == "__main__":
-    sys.exit(_load_main())
+    sys.exit(load_main("python -m benchmarks.e2e_bench", concurrent_load, "gRPC Generate streams"))

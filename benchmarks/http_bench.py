@@ -11,13 +11,10 @@ protocols' figures compare directly. ``measure_http_level`` runs it against a ru
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import resource
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.e2e_bench import (
@@ -25,6 +22,7 @@ from benchmarks.e2e_bench import (
     ServerProcess,
     StreamRecord,
     cpu_seconds,
+    load_main,
     run_load,
     scrape_server,
     server_view,
@@ -99,34 +97,6 @@ async def concurrent_http_load(
     return summarize(records)
 
 
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _load_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.http_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="HOST:PORT of the server's HTTP API")
-    parser.add_argument("--streams", type=int, required=True, help="concurrent streamed completions")
-    parser.add_argument("--max-tokens", type=int, required=True, help="tokens per completion")
-    parser.add_argument("--prompt-chars", type=int, default=16)
-    parser.add_argument("--model", default="", help="model name ('' = the server's default)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole load")
-    parser.add_argument("--out-json", required=True)
-    args = parser.parse_args(argv)
-    for name in ("streams", "max_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    cpu_before, wall_before = _own_cpu_seconds(), time.perf_counter()
-    summary = asyncio.run(
-        concurrent_http_load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model)
-    )
-    summary["client_cpu_percent"] = 100.0 * (_own_cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
-    with open(args.out_json, "w", encoding="utf-8") as f:
-        json.dump(summary, f)
-    return 0
-
-
 def measure_http_level(
     server: ServerProcess, streams: int, max_tokens: int, prompt_chars: int, timeout: float
 ) -> dict[str, Any]:
@@ -153,4 +123,4 @@ def measure_http_level(
 
 
 if __name__ == "__main__":
-    sys.exit(_load_main())
+    sys.exit(load_main("python -m benchmarks.http_bench", concurrent_http_load, "HTTP SSE completions"))
