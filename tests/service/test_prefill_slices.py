@@ -180,7 +180,8 @@ def test_a_cancel_while_a_long_prompt_is_read_frees_the_row_within_one_call(engi
     assert wait_until(lambda: engine.active == 0)
     assert engine.calls <= calls_at_cancel + 1
     assert chunks[-1].finish_reason == "cancelled" and chunks[-1].completion_tokens == 0
-    assert 1 <= engine.slices < math.ceil(len(HUGE) / PREFILL_SLICE)
+    # It left before its prompt was read (on a loaded machine, perhaps before the first slice).
+    assert engine.slices < math.ceil(len(HUGE) / PREFILL_SLICE)
     assert engine.widest_slice == PREFILL_SLICE
 
 
@@ -198,7 +199,8 @@ def test_a_deadline_passing_while_a_long_prompt_is_read_frees_the_row_within_one
     assert wait_until(lambda: engine.active == 0)
     assert engine.calls <= calls_at_deadline + 1
     assert chunks[-1].finish_reason == "deadline" and chunks[-1].completion_tokens == 0
-    assert 1 <= engine.slices < math.ceil(len(HUGE) / PREFILL_SLICE)
+    # It left before its prompt was read (on a loaded machine, perhaps before the first slice).
+    assert engine.slices < math.ceil(len(HUGE) / PREFILL_SLICE)
 
 
 def test_through_the_server_a_long_prompt_past_its_deadline_ends_deadline_exceeded_and_frees_its_row(
@@ -214,6 +216,7 @@ def test_through_the_server_a_long_prompt_past_its_deadline_ends_deadline_exceed
     assert wait_until(lambda: engine.active == 0 and engine.waiting == 0)
     # The server's deadline is the client's, seen a moment later: one call under way, perhaps one more.
     assert engine.calls <= calls_at_deadline + 2
-    assert 1 <= engine.slices < math.ceil(len(HUGE) / PREFILL_SLICE)
+    # It left before its prompt was read (on a loaded machine, perhaps before the first slice).
+    assert engine.slices < math.ceil(len(HUGE) / PREFILL_SLICE)
     assert running.sample("textgen_generated_tokens_total") == 0  # the row left before its prompt was read
     assert running.sample("textgen_active_sequences") == 0
