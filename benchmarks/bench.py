@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
-from benchmarks.http_bench import measure_http_level
 from benchmarks.interference import InterferenceConfig, measure_interference
 from benchmarks.untrusted_prompts import QUICK as QUICK_UNTRUSTED
 from benchmarks.untrusted_prompts import UntrustedConfig, measure_untrusted
@@ -202,7 +201,7 @@ def run_server_levels(
                 # The same load over the HTTP API (SSE), on the same server, right after the gRPC levels.
                 n = config.reference_streams
                 runs = [
-                    measure_http_level(server, n, e2e.tokens_for(n), e2e.prompt_chars, e2e.level_timeout)
+                    measure_level(server, n, e2e.tokens_for(n), e2e.prompt_chars, e2e.level_timeout, protocol="http")
                     for _ in range(repeats)
                 ]
                 part["http"] = _median_level(runs)

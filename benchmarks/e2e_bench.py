@@ -519,22 +519,34 @@ def run_load(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]
 
 
 def measure_level(
-    server: ServerProcess, streams: int, max_tokens: int, prompt_chars: int, timeout: float
+    server: ServerProcess,
+    streams: int,
+    max_tokens: int,
+    prompt_chars: int,
+    timeout: float,
+    protocol: str = "grpc",
 ) -> dict[str, Any]:
-    """One concurrency level against a running server, with the server's RSS before and at peak."""
+    """One concurrency level against a running server, with the server's RSS before and at peak.
+
+    ``protocol`` "grpc" loads it with Generate streams (this module), "http" with SSE completions
+    (``benchmarks.http_bench``); the summaries compare directly.
+    """
     before = server.rss_kb() or 0
     cpu_before = cpu_seconds(server.pid) or 0.0
     counters_before = scrape_server(server.metrics_port)
-    args = ["--target", server.target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
+    http = protocol == "http"
+    target, module = (server.http_target, "benchmarks.http_bench") if http else (server.target, "benchmarks.e2e_bench")
+    args = ["--target", target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
     args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
     with RssSampler(server.pid) as sampler:
-        summary = run_load("benchmarks.e2e_bench", args, timeout=timeout + 60.0)
+        summary = run_load(module, args, timeout=timeout + 60.0)
     cpu_after = cpu_seconds(server.pid)
     summary.update(server_view(counters_before, scrape_server(server.metrics_port), summary["seconds"]))
     summary.update(
         server_cpu_s=None if cpu_after is None else cpu_after - cpu_before,
         streams=streams,
         max_tokens=max_tokens,
+        protocol=protocol,
         server_rss_kb_before=before,
         server_rss_kb_peak=sampler.peak_kb,
         server_rss_kb_per_stream=max(0, sampler.peak_kb - before) / streams,

@@ -5,8 +5,8 @@ sends the requests the gRPC generator sends (same prompts, seeds, temperature an
 ``max_tokens``), one connection per stream as separate clients would have, and records when
 each ``data:`` event with text arrives; tokens come from the usage chunk
 (``stream_options.include_usage``). The summary is ``e2e_bench.summarize``'s, so the two
-protocols' figures compare directly. ``measure_http_level`` runs it against a running
-``e2e_bench.ServerProcess``.
+protocols' figures compare directly. ``e2e_bench.measure_level(..., protocol="http")`` runs it
+against a running ``e2e_bench.ServerProcess``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ import time
 from typing import Any
 
 from benchmarks.e2e_bench import (
-    RssSampler,
-    ServerProcess,
     StreamRecord,
-    cpu_seconds,
     load_main,
-    run_load,
-    scrape_server,
-    server_view,
     summarize,
 )
 from benchmarks.prompts import bench_corpus, prompt
@@ -95,31 +89,6 @@ async def concurrent_http_load(
             task.cancel()
         records = [t.result() for t in done] + [await t for t in pending]
     return summarize(records)
-
-
-def measure_http_level(
-    server: ServerProcess, streams: int, max_tokens: int, prompt_chars: int, timeout: float
-) -> dict[str, Any]:
-    """One concurrency level over HTTP SSE against a running server (``e2e_bench.measure_level``'s twin)."""
-    before = server.rss_kb() or 0
-    cpu_before = cpu_seconds(server.pid) or 0.0
-    counters_before = scrape_server(server.metrics_port)
-    args = ["--target", server.http_target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
-    args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
-    with RssSampler(server.pid) as sampler:
-        summary = run_load("benchmarks.http_bench", args, timeout=timeout + 60.0)
-    cpu_after = cpu_seconds(server.pid)
-    summary.update(server_view(counters_before, scrape_server(server.metrics_port), summary["seconds"]))
-    summary.update(
-        server_cpu_s=None if cpu_after is None else cpu_after - cpu_before,
-        streams=streams,
-        max_tokens=max_tokens,
-        protocol="http",
-        server_rss_kb_before=before,
-        server_rss_kb_peak=sampler.peak_kb,
-        server_rss_kb_per_stream=max(0, sampler.peak_kb - before) / streams,
-    )
-    return summary
 
 
 if __name__ == "__main__":
