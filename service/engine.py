@@ -322,9 +322,7 @@ class Engine:
         generating = batch.feed_prompts()
         self._deliver(batch, ids, logprobs, generating)
         if generating is None:
-            batch.tokens_t = ids_t  # every row feeds back its sample: reuse the tensor
-        else:
-            batch.tokens_t = None
+            batch.tokens_t = ids_t  # every row feeds back its sample (otherwise feed_prompts cleared it)
 
     def _call_steps(self, batch: Batch, k: int, started: float) -> None:
         """``k`` decode steps in one call; rows reading their prompt are fed it in the graph.
