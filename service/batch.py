@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.sampling import SamplingParams, StoppingCriteria
-from service.stream import Stream
+from service.stream import EngineStream
 
 if TYPE_CHECKING:
     from service.model_repository import LoadedModel
@@ -40,7 +40,7 @@ def as_int64(seed: int) -> int:
 class Request:
     """What the engine keeps of one submitted request, from submit to its end."""
 
-    stream: Stream
+    stream: EngineStream
     model: LoadedModel
     params: SamplingParams
     prompt_ids: list[int]  # never empty: the tokenizer's start ids stand in for an empty prompt

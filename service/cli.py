@@ -51,7 +51,9 @@ def _module_for(command: str, rest: list[str]) -> str:
 
 
 # The subcommand modules that never import TensorFlow.
-WITHOUT_TENSORFLOW = frozenset({"service.client"})
+# Modules whose commands import TensorFlow themselves, if at all: ``serve`` only in the process
+# that runs the model (with --frontends, the engine process).
+WITHOUT_TENSORFLOW = frozenset({"service.client", "service.server"})
 # The environment variable that also sets a subcommand's --log-level (flags win).
 LOG_LEVEL_ENV = {"serve": ENV_PREFIX + "LOG_LEVEL"}
 

@@ -81,6 +81,7 @@ class ServerConfig:
     auth_token_file: str | None = None
     health_port: int = -1
     intra_op_threads: int = 0
+    frontends: int = -1
     malloc_mmap_threshold: int = 131072
     steps_per_call: int = 8
     call_budget_ms: float = 25.0
@@ -179,6 +180,7 @@ def _problems(c: ServerConfig) -> list[str]:
     need(c.steps_per_call >= 1, "steps_per_call", c.steps_per_call, ">= 1")
     need(0.0 <= c.call_budget_ms <= 10_000.0, "call_budget_ms", c.call_budget_ms, "in [0, 10000] ms (0 = no limit)")
     need(c.intra_op_threads >= 0, "intra_op_threads", c.intra_op_threads, ">= 0 (0 = automatic)")
+    need(-1 <= c.frontends <= 256, "frontends", c.frontends, "in [-1, 256] (-1 = automatic, 0 = one process)")
     need(
         c.malloc_mmap_threshold == 0 or 4096 <= c.malloc_mmap_threshold <= 32 * 1024 * 1024,
         "malloc_mmap_threshold",
@@ -239,7 +241,10 @@ _HELP = {
     "steps_per_call": "decode steps per model call while no request waits to join (tokens then arrive K at a time)",
     "call_budget_ms": "longest a multi-step call may take: K is cut to this over the batch's measured step time, "
     "so large batches stream token by token (0 = always --steps-per-call)",
-    "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus one, for the event loop)",
+    "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus the frontends' cores, "
+    "at least one)",
+    "frontends": "frontend processes owning the gRPC and HTTP connections beside one engine process (-1 = one per "
+    "usable CPU but one, at least 1; 0 = everything in one process)",
     "malloc_mmap_threshold": "bytes above which glibc maps each allocation on its own and unmaps it when freed, "
     "so memory of a large batch goes back to the OS (0 = glibc's own, rising threshold)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

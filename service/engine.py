@@ -37,24 +37,17 @@ import tensorflow as tf
 
 from service.batch import Batch, CallBudget, Request, Row
 from service.config import EngineConfig
+from service.errors import CapacityError, EngineClosedError
 from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel
 from service.sampling import SamplingParams
-from service.stream import FinishReason, LoopWaker, Stream, WakerThread
+from service.stream import EngineStream, FinishReason, LoopWaker, Outbox, Stream, WakerThread
 
 log = logging.getLogger(__name__)
 
 # The most prompt tokens per row one prefill call reads while no row generates: a call's length, and
 # so how late a cancel or deadline can free a row, is bounded by this many steps of the fused layers.
 PREFILL_SLICE = 256
-
-
-class CapacityError(Exception):
-    """Over max_concurrent + max_queue (RESOURCE_EXHAUSTED)."""
-
-
-class EngineClosedError(Exception):
-    """The engine is shutting down and takes no new requests (UNAVAILABLE)."""
 
 
 def error_summary(exc: BaseException) -> str:
@@ -85,12 +78,17 @@ class _ModelMetrics:
 class Engine:
     """Continuous batching over every loaded model, in one daemon thread."""
 
-    def __init__(self, config: EngineConfig, metrics: ServingMetrics | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, metrics: ServingMetrics | None = None, outbox: Outbox | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        # In the engine process, streams belong to frontend processes: rows get token ids only (the
+        # frontends detokenize, match stops and time tokens), and ``outbox.flush`` sends each call's.
+        self.outbox = outbox
         self._cond = threading.Condition()
         self._incoming: list[Request] = []
-        self._cancels: list[Stream] = []
+        self._cancels: list[EngineStream] = []
         self._n_active = 0
         self._n_waiting = 0
         self._closed = False
@@ -98,11 +96,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._waker_thread: WakerThread | None = None
         # engine-thread only
-        self._requests: dict[Stream, Request] = {}  # every request taken in and not yet finished
+        self._requests: dict[EngineStream, Request] = {}  # every request taken in and not yet finished
         self._waiting: collections.deque[Request] = collections.deque()
         self._batches: dict[LoadedModel, Batch] = {}
-        self._rows: dict[Stream, tuple[Batch, Row]] = {}
-        self._wake: dict[asyncio.AbstractEventLoop, list[Stream]] = {}
+        self._rows: dict[EngineStream, tuple[Batch, Row]] = {}
+        self._wake: dict[asyncio.AbstractEventLoop, list[EngineStream]] = {}
         self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()
         self._held: dict[asyncio.AbstractEventLoop, LoopWaker] = {}  # wake-ups not scheduled yet
         self._model_metrics: dict[str, _ModelMetrics] = {}
@@ -147,6 +145,19 @@ class Engine:
 
         An empty prompt starts from the tokenizer's start ids. Raises CapacityError / EngineClosedError.
         """
+        stream = Stream(loop, len(prompt_ids), params.include_tokens, self._request_cancel)
+        self.submit_stream(model, prompt_ids, params, stream, deadline)
+        return stream
+
+    def submit_stream(
+        self,
+        model: LoadedModel,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stream: EngineStream,
+        deadline: float | None = None,
+    ) -> None:
+        """``submit`` with the stream the engine writes to given (the engine process's ``RemoteStream``)."""
         limit = self.config.max_concurrent + self.config.max_queue
         with self._cond:
             if self._closed:
@@ -158,13 +169,23 @@ class Engine:
                 )
             self._n_waiting += 1
         seed = params.seed if params.seed is not None else secrets.randbits(64)
-        stream = Stream(loop, len(prompt_ids), params.include_tokens, self._request_cancel)
-        ids = list(prompt_ids) if prompt_ids else list(model.tokenizer.start_ids)
+        ids = list(prompt_ids) if len(prompt_ids) else list(model.tokenizer.start_ids)
         model.acquire()
         with self._cond:
             self._incoming.append(Request(stream, model, params, ids, seed, deadline, stream.submitted_at))
             self._cond.notify()
-        return stream
+
+    def cancel(self, streams: Sequence[EngineStream]) -> None:
+        """End these streams at the engine's next iteration (thread-safe; finished ones are skipped)."""
+        with self._cond:
+            self._cancels.extend(streams)
+            self._cond.notify()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """``(active, waiting)`` in one read."""
+        with self._cond:
+            return self._n_active, self._n_waiting
 
     def close(self) -> None:
         """Refuse new submits; running streams go on."""
@@ -183,7 +204,7 @@ class Engine:
             if self._waker_thread is not None:
                 self._waker_thread.stop(max(0.1, timeout - (time.monotonic() - began)))
 
-    def _request_cancel(self, stream: Stream) -> None:
+    def _request_cancel(self, stream: EngineStream) -> None:
         with self._cond:
             self._cancels.append(stream)
             self._cond.notify()
@@ -221,7 +242,7 @@ class Engine:
                 self._flush_wakeups(force=True)
             self.busy_seconds += time.perf_counter() - began
 
-    def _iterate(self, cancels: list[Stream]) -> None:
+    def _iterate(self, cancels: list[EngineStream]) -> None:
         now = time.monotonic()
         for stream in cancels:
             request = self._requests.get(stream)
@@ -420,27 +441,33 @@ class Engine:
         logprobs_list = logprobs.tolist()
         wake = self._wake
         delivered = 0
+        remote = self.outbox is not None
         for i in indices:
             row = rows[i]
             token_id = ids_list[i]
-            piece = tokenizer.piece(row.last_id, token_id)
-            row.last_id = token_id
-            emit, finish = row.criteria(piece)
             stream = row.request.stream
-            stream.push(token_id, piece, emit, logprobs_list[i], finish, now)
-            if mm is not None:
-                if row.last_token_time is None:
-                    mm.time_to_first_token.observe(now - row.request.submitted_at)
-                else:
-                    mm.inter_token_latency.observe(now - row.last_token_time if latencies is None else latencies[i])
+            if remote:  # the frontend detokenizes, matches stops and times tokens
+                emit, finish = row.criteria("")
+                stream.push(token_id, "", "", logprobs_list[i], finish, now)
+            else:
+                piece = tokenizer.piece(row.last_id, token_id)
+                row.last_id = token_id
+                emit, finish = row.criteria(piece)
+                stream.push(token_id, piece, emit, logprobs_list[i], finish, now)
+                if mm is not None:
+                    if row.last_token_time is None:
+                        mm.time_to_first_token.observe(now - row.request.submitted_at)
+                    else:
+                        mm.inter_token_latency.observe(now - row.last_token_time if latencies is None else latencies[i])
+                if stream.loop is not None:
+                    wake.setdefault(stream.loop, []).append(stream)
             row.last_token_time = now
-            wake.setdefault(stream.loop, []).append(stream)
             delivered += 1
             if finish is not None:
                 self._row_finished(row)
         batch.record_sampled(ids, which)
         self.tokens += delivered
-        if mm is not None and delivered:
+        if mm is not None and delivered and not remote:  # the frontends count what they deliver
             mm.generated_tokens.inc(delivered)
 
     # ------------------------------------------------------------ finishing
@@ -460,7 +487,8 @@ class Engine:
         emit = entry[1].criteria.flush() if entry is not None and reason.flushes_held_text else ""
         if not stream.end(reason, emit, error):
             return
-        self._wake.setdefault(stream.loop, []).append(stream)
+        if stream.loop is not None:
+            self._wake.setdefault(stream.loop, []).append(stream)
         if entry is not None:
             self._row_finished(entry[1])
         else:
@@ -492,7 +520,9 @@ class Engine:
     def _flush_wakeups(self, force: bool = False) -> None:
         """Schedule the readers' wake-ups: per event loop at most one ``call_soon_threadsafe`` per step,
         none while one is still pending, and none within ``wake_interval`` of the previous one unless
-        ``force`` (the engine is about to go idle)."""
+        ``force`` (the engine is about to go idle). In the engine process: send each frontend its output."""
+        if self.outbox is not None:
+            self.outbox.flush(self.load)
         if self._wake:
             wake, self._wake = self._wake, {}
             for loop, streams in wake.items():

@@ -31,10 +31,9 @@ import grpc
 from aiohttp import web
 
 from service.auth import TokenStore, bearer_token
+from service.catalog import ModelView
 from service.config import ServerConfig
-from service.engine import Engine
 from service.metrics import ServingMetrics
-from service.model_repository import LoadedModel, ModelRepository
 from service.openai_api import (
     Completion,
     CompletionRequest,
@@ -48,6 +47,8 @@ from service.request import (
     UNRESOLVED_MODEL,
     Outcome,
     RequestError,
+    Resolver,
+    Submitter,
     open_stream,
     raise_for_unfinished,
     record,
@@ -87,7 +88,7 @@ class BodyError(RequestError):
         self.status = status
 
 
-def _created(model: LoadedModel) -> int:
+def _created(model: ModelView) -> int:
     try:
         stamp = datetime.datetime.fromisoformat(str((model.info or {}).get("created_at", "")))
     except ValueError:
@@ -107,8 +108,8 @@ class HttpFrontend:
     def __init__(
         self,
         config: ServerConfig,
-        repository: ModelRepository,
-        engine: Engine,
+        repository: Resolver,
+        engine: Submitter,
         metrics: ServingMetrics,
         *,
         is_ready: Callable[[], bool],
@@ -139,11 +140,14 @@ class HttpFrontend:
         app.on_response_prepare.append(self._cors_headers)
         return app
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        """Binds ``host:port`` (0 picks a free port) on the running loop; returns the bound port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool = False) -> int:
+        """Binds ``host:port`` (0 picks a free port) on the running loop; returns the bound port.
+
+        ``reuse_port``: share the port with the other frontend processes (``SO_REUSEPORT``).
+        """
         runner = web.AppRunner(self.application(), handle_signals=False, handler_cancellation=True, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port, shutdown_timeout=1.0)
         try:
             await site.start()
         except OSError as exc:

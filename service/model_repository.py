@@ -22,22 +22,14 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from service import catalog
 from service.decoder import Decoder, configure_devices
 from service.metrics import ServingMetrics
-from service.prompt import echo
 from training.check import check_version, failure_reason
 from training.contract import is_visible_model_name, list_versions
 from training.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(LookupError):
-    """The request names a model or version that is not loaded (NOT_FOUND)."""
-
-
-class NoModelLoadedError(LookupError):
-    """No model version is loaded yet (UNAVAILABLE)."""
 
 
 # Collections that may try to free an unloaded version before it is reported as leaked.
@@ -194,52 +186,22 @@ class ModelRepository:
     def can_serve(self) -> bool:
         """Readiness: the default model has a version serving (without a default model: any model has)."""
         with self._lock:
-            if self.default_model:
-                return bool(self._serving.get(self.default_model))
-            return any(self._serving.values())
+            return catalog.can_serve(self._serving, self.default_model)
 
     def why_not_serving(self) -> str:
         """What ``can_serve`` misses, for the log."""
         with self._lock:
-            loaded = self._describe()
-        if self.default_model:
-            return f"the default model {self.default_model!r} has no version loaded (loaded: {loaded})"
-        return f"no model is loaded from {self.models_dir!r}"
+            return catalog.why_not_serving(self._serving, self.default_model, self.models_dir)
 
     def retiring(self) -> list[LoadedModel]:
         """Versions that take no new traffic but still have streams running."""
         with self._lock:
             return list(self._retiring.values())
 
-    def _describe(self) -> str:
-        parts = [f"{n} (versions {', '.join(str(v) for v in sorted(vs))})" for n, vs in sorted(self._serving.items())]
-        return "; ".join(parts) if parts else "none"
-
     def resolve(self, name: str, version: int) -> LoadedModel:
         """The model for a request: ``""`` is the default model, version 0 the newest loaded."""
         with self._lock:
-            serving = {n: vs for n, vs in self._serving.items() if vs}
-            if not serving:
-                raise NoModelLoadedError(f"no model is loaded yet (repository {self.models_dir!r})")
-            if not name:
-                if self.default_model:
-                    name = self.default_model
-                elif len(serving) == 1:
-                    name = next(iter(serving))
-                else:
-                    raise ModelNotFoundError(
-                        f"model is empty and there is no default model; name one of: {self._describe()}"
-                    )
-            versions = serving.get(name)
-            if not versions:
-                raise ModelNotFoundError(f"model {echo(name)} is not loaded; loaded: {self._describe()}")
-            if version == 0:
-                return versions[max(versions)]
-            if version not in versions:
-                raise ModelNotFoundError(
-                    f"model {echo(name)} version {version} is not loaded; loaded: {self._describe()}"
-                )
-            return versions[version]
+            return catalog.resolve_version(self._serving, name, version, self.default_model, self.models_dir)
 
     # ------------------------------------------------------------ loading
     def load_all(self) -> None:

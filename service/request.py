@@ -19,13 +19,14 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 
+from service.catalog import ModelView
 from service.config import RequestLimits
-from service.engine import CapacityError, Engine, EngineClosedError
+from service.errors import CapacityError, EngineClosedError, ModelNotFoundError, NoModelLoadedError
 from service.metrics import ServingMetrics
-from service.model_repository import LoadedModel, ModelNotFoundError, ModelRepository, NoModelLoadedError
 from service.prompt import UnsafeTextError, encode_prompt, normalize_stops
 from service.sampling import SamplingParams
 from service.stream import Chunk, FinishReason, Stream
@@ -38,6 +39,26 @@ MAX_TOP_K = 2**31 - 1  # the engine holds top_k as int32
 UNRESOLVED_MODEL = "unresolved"
 # The reasons a stream ends normally; every other reason ends it with an error status.
 NORMAL_ENDS = (FinishReason.LENGTH, FinishReason.STOP)
+
+
+class Resolver(Protocol):
+    """Which versions serve and which one a request means: a ``ModelRepository`` or a frontend's ``ModelCatalog``."""
+
+    def resolve(self, name: str, version: int) -> Any: ...
+    def loaded(self) -> Sequence[Any]: ...
+
+
+class Submitter(Protocol):
+    """Where a request goes: the in-process ``Engine`` or a frontend's ``EngineClient``."""
+
+    def submit(
+        self,
+        model: Any,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None = None,
+    ) -> Stream: ...
 
 
 class RequestError(Exception):
@@ -113,8 +134,8 @@ def check_sampling(
 
 
 async def open_stream(
-    repository: ModelRepository,
-    engine: Engine,
+    repository: Resolver,
+    engine: Submitter,
     params: SamplingParams,
     *,
     model_name: str,
@@ -122,7 +143,7 @@ async def open_stream(
     prompt: str,
     deadline: float | None,
     outcome: Outcome,
-) -> tuple[LoadedModel, Stream]:
+) -> tuple[ModelView, Stream]:
     """Resolves the model, normalises the stops, encodes the prompt and submits the request to the engine."""
     model = repository.resolve(model_name, model_version)
     outcome.model = model.name
@@ -173,6 +194,10 @@ def raise_for_unfinished(chunk: Chunk, request_id: str) -> None:
         raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished")
     if reason is FinishReason.CANCELLED:
         raise RequestError(grpc.StatusCode.UNAVAILABLE, "the request was cancelled by the server (shutting down)")
+    if reason is FinishReason.REJECTED:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{chunk.error}; request_id={request_id}")
+    if reason is FinishReason.UNAVAILABLE:
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{chunk.error}; request_id={request_id}")
     if reason is FinishReason.RESOURCE_EXHAUSTED:
         log.error("request %s ran out of memory in the engine: %s", request_id, chunk.error)
         raise RequestError(

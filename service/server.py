@@ -23,6 +23,8 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -34,14 +36,19 @@ from service import prompt
 from service.allocator import set_mmap_threshold
 from service.api import textgen_pb2
 from service.auth import TokenAuthInterceptor, TokenFileError, TokenStore
+from service.catalog import ModelCatalog
 from service.config import ConfigError, ServerConfig, parse_config
-from service.decoder import configure_cpu_threads
-from service.engine import Engine
+from service.engine_client import EngineClient
 from service.http_frontend import HttpFrontend, http_ssl_context
 from service.metrics import ServingMetrics
-from service.model_repository import ModelRepository
 from service.servicer import UNRESOLVED_MODEL, TextGenerationServicer, add_to_server
+from service.supervisor import Supervisor, frontend_count
 from service.tls import TLSConfigError, server_credentials
+from training.tf_runtime import import_tensorflow_quietly
+
+if TYPE_CHECKING:
+    from service.engine import Engine
+    from service.model_repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +68,18 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments of the server."""
+@dataclass(frozen=True)
+class FrontendRole:
+    """A ``Server`` in a frontend process: the engine process's address and this frontend's name on it."""
+
+    endpoint: str
+    name: bytes
+
+
+def grpc_options(config: ServerConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments of the server; ``reuse_port`` only for frontend processes that share the port."""
     options = [
-        ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+        ("grpc.so_reuseport", int(reuse_port)),  # otherwise two servers must never share a port by accident
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
     ]
     if config.max_connection_age > 0:
@@ -75,24 +90,42 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 class Server:
-    """One serving process's worth of parts; start it in a running event loop."""
+    """One serving process's worth of parts; start it in a running event loop.
 
-    def __init__(self, config: ServerConfig) -> None:
+    Without a ``role`` it holds the models and the engine itself (``--frontends 0``, and the
+    tests' in-process servers); with one it is a frontend process: the engine process owns the
+    models and a ``ModelCatalog`` and an ``EngineClient`` stand in for them.
+    """
+
+    def __init__(self, config: ServerConfig, role: FrontendRole | None = None) -> None:
         self.config = config
+        self.role = role
         self.metrics = ServingMetrics()
-        # Building the repository configures TensorFlow's devices: construct a Server off the event loop.
-        self.repository = ModelRepository(
-            config.models,
-            default_model=config.default_model,
-            metrics=self.metrics,
-            poll_seconds=config.poll_seconds,
-            keep_versions=config.keep_versions,
-            on_change=self._models_changed,
-            # The decode functions take any batch size (one trace); warming up the largest
-            # batch too allocates its buffers before the first full step has to.
-            warmup_batch_sizes=config.warmup_batch_sizes,
-        )
-        self.engine = Engine(config.engine, self.metrics)
+        self.local: tuple[ModelRepository, Engine] | None = None
+        self.repository: ModelRepository | ModelCatalog
+        self.engine: Engine | EngineClient
+        if role is None:
+            from service.engine import Engine  # TensorFlow: only a process that runs the model imports it
+            from service.model_repository import ModelRepository
+
+            # Building the repository configures TensorFlow's devices: construct a Server off the event loop.
+            repository = ModelRepository(
+                config.models,
+                default_model=config.default_model,
+                metrics=self.metrics,
+                poll_seconds=config.poll_seconds,
+                keep_versions=config.keep_versions,
+                on_change=self._models_changed,
+                # The decode functions take any batch size (one trace); warming up the largest
+                # batch too allocates its buffers before the first full step has to.
+                warmup_batch_sizes=config.warmup_batch_sizes,
+            )
+            engine = Engine(config.engine, self.metrics)
+            self.repository, self.engine, self.local = repository, engine, (repository, engine)
+        else:
+            self.repository = ModelCatalog(config.models, config.default_model, on_change=self._models_changed)
+            self.engine = EngineClient(role.endpoint, role.name, self.repository, self.metrics, self._engine_lost)
+        self.lost = asyncio.Event()  # set when the engine process went away (frontend processes only)
         prompt.prepare()  # the Stream-Safe check's table, built before any request waits for it
         self.servicer = TextGenerationServicer(config, self.repository, self.engine, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -140,7 +173,8 @@ class Server:
             raise OSError(str(exc)) from exc
         except ssl.SSLError as exc:
             raise OSError(f"--tls-cert/--tls-key cannot be used for the HTTP port: {exc}") from exc
-        server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+        reuse = self.role is not None
+        server = grpc.aio.server(options=grpc_options(config, reuse), interceptors=interceptors)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -158,13 +192,14 @@ class Server:
             raise OSError(f"could not bind the gRPC port {address}:{config.port}: {exc}") from exc
         if self.port == 0:
             raise OSError(f"could not bind the gRPC port {address}:{config.port}")
-        self._http, self._http_thread = start_http_server(
-            config.metrics_port, addr=host, registry=self.metrics.registry
-        )
-        self.metrics_port = int(self._http.server_port)
+        if self.role is None:  # frontend processes: the supervisor serves every process's metrics
+            self._http, self._http_thread = start_http_server(
+                config.metrics_port, addr=host, registry=self.metrics.registry
+            )
+            self.metrics_port = int(self._http.server_port)
         if config.health_port >= 0:
             # Plaintext grpc.health.v1 only, for kubelet probes that cannot speak (m)TLS.
-            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_port = health_server.add_insecure_port(f"{address}:{config.health_port}")
             if self.health_port == 0:
@@ -180,19 +215,24 @@ class Server:
                 is_ready=lambda: self._serving and not self._stopping,
                 tokens=tokens,
             )
-            self.http_port = await self.http.start(host, config.http_port, ssl_context)
-        self.engine.start()
+            self.http_port = await self.http.start(host, config.http_port, ssl_context, reuse_port=reuse)
+        if isinstance(self.engine, EngineClient):
+            await self.engine.start()
+        else:
+            self.engine.start()
         await server.start()
         self._grpc = server
         log.info(
-            "textgen serving gRPC on %s:%d, HTTP on %s, metrics on http://%s:%d/metrics",
+            "textgen serving gRPC on %s:%d, HTTP on %s, %s",
             config.host,
             self.port,
             f"{'https' if ssl_context else 'http'}://{config.host}:{self.http_port}" if self.http else "no port",
-            config.host,
-            self.metrics_port,
+            f"metrics on http://{config.host}:{self.metrics_port}/metrics"
+            if self.role is None
+            else "metrics by the supervisor",
         )
-        self._tasks.append(asyncio.create_task(self._load_models(), name="textgen-load-models"))
+        if self.local is not None:
+            self._tasks.append(asyncio.create_task(self._load_models(), name="textgen-load-models"))
 
     async def _load_models(self) -> None:
         """Loads the repository in a thread of its own, then lets it poll for new versions in its own thread.
@@ -201,12 +241,14 @@ class Server:
         then drains and exits at once (``main`` leaves the load behind), where the executor would make
         the process wait for the load to end.
         """
+        assert self.local is not None
+        repository = self.local[0]
         loop = asyncio.get_running_loop()
         loaded = loop.create_future()
 
         def load() -> None:
             try:
-                self.repository.load_all()
+                repository.load_all()
             except Exception:
                 log.exception("loading models from %s failed", self.config.models)
             finally:
@@ -224,7 +266,11 @@ class Server:
                 " until a poll finds one" if self.config.poll_seconds > 0 else " (polling is off)",
             )
         if not self._stopping:
-            self.repository.start_polling()
+            repository.start_polling()
+
+    def _engine_lost(self) -> None:
+        """The engine process went away (the ``EngineClient`` ended every stream): health NOT_SERVING, exit."""
+        self.lost.set()
 
     @property
     def loading(self) -> bool:
@@ -272,7 +318,8 @@ class Server:
         self.engine.close()
         for task in self._tasks:
             task.cancel()
-        await asyncio.to_thread(self.repository.stop)
+        if self.local is not None:
+            await asyncio.to_thread(self.local[0].stop)
         # Keep the port open while running streams drain: a new RPC then gets the
         # servicer's UNAVAILABLE ("shutting down"); once the transport itself is
         # stopping, grpc answers new RPCs on open connections with CANCELLED instead.
@@ -284,11 +331,13 @@ class Server:
             # The grace is over: the engine ends what is left, so each handler sends (and counts)
             # UNAVAILABLE itself, rather than grpc cancelling the handlers (counted CANCELLED).
             log.warning("the grace period is over: ending %d streams with UNAVAILABLE", self.engine.active)
-            await asyncio.to_thread(self.engine.stop, 5.0)
+            await self._stop_engine()
             deadline = loop.time() + _STATUS_SECONDS
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
-        await asyncio.to_thread(self.engine.stop, 5.0)
+        await self._stop_engine()
+        if isinstance(self.engine, EngineClient):
+            await self.engine.aclose()
         if self.http is not None:
             await self.http.stop()  # its streams have ended with the engine's
         if self._health_grpc is not None:
@@ -300,6 +349,13 @@ class Server:
             self._http_thread.join(timeout=5.0)
         self._stopped.set()
         log.info("stopped")
+
+    async def _stop_engine(self) -> None:
+        """End what is left: the engine thread (in-process) or this frontend's streams (a frontend process)."""
+        if isinstance(self.engine, EngineClient):
+            self.engine.stop()
+        else:
+            await asyncio.to_thread(self.engine.stop, 5.0)
 
     @property
     def stopping(self) -> bool:
@@ -352,8 +408,11 @@ async def serve(
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def configure_process(config: ServerConfig, environ: Mapping[str, str]) -> int | None:
+def configure_process(config: ServerConfig, environ: Mapping[str, str], frontends: int = 0) -> int | None:
     """Process-wide tuning, before TensorFlow runs its first op; returns the intra-op threads set (None: kept).
+
+    ``frontends``: the frontend processes beside this engine process, whose cores TensorFlow leaves
+    them (one core when the event loop runs in this process).
 
     On a CPU the event loop (gRPC, the servicer) needs a core of its own: TensorFlow's
     intra-op threads on every core made each step wait for the loop's thread. With one
@@ -365,9 +424,14 @@ def configure_process(config: ServerConfig, environ: Mapping[str, str]) -> int |
         log.info("glibc mmap threshold fixed at %d bytes", config.malloc_mmap_threshold)
     threads = config.intra_op_threads
     if threads == 0:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        threads = max(1, usable - 1)
+        threads = max(1, usable_cores() - max(1, frontends))
+    from service.decoder import configure_cpu_threads  # TensorFlow: only in the process that runs the model
+
     return threads if configure_cpu_threads(threads) else None
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -377,9 +441,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except ConfigError as exc:
         print(f"textgen serve: error: {exc}", file=sys.stderr)
         return 2
+    frontends = frontend_count(config, usable_cores())
+    if frontends == 0:
+        # TensorFlow runs in this process: import it behind the stderr filter (training/tf_runtime.py).
+        import_tensorflow_quietly(config.log_level.lower())
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if frontends > 0:
+        return Supervisor(config, frontends).run()
     threads = configure_process(config, os.environ if environ is None else environ)
     if threads is not None:
         log.info(

@@ -29,14 +29,15 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from service.api import textgen_pb2, textgen_pb2_grpc
+from service.catalog import ModelView
 from service.config import RequestLimits, ServerConfig
-from service.engine import Engine
 from service.metrics import ServingMetrics
-from service.model_repository import LoadedModel, ModelRepository
 from service.request import (
     UNRESOLVED_MODEL,
     Outcome,
     RequestError,
+    Resolver,
+    Submitter,
     check_sampling,
     invalid,
     open_stream,
@@ -191,9 +192,7 @@ def _status_of(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
 class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
     """Generate (streaming), Complete (one message) and ListModels over the engine and repository."""
 
-    def __init__(
-        self, config: ServerConfig, repository: ModelRepository, engine: Engine, metrics: ServingMetrics
-    ) -> None:
+    def __init__(self, config: ServerConfig, repository: Resolver, engine: Submitter, metrics: ServingMetrics) -> None:
         self._limits = config.limits
         self._request_timeout = config.request_timeout
         # None: no bound (asyncio.timeout(None) never fires, and no stall watch runs).
@@ -365,7 +364,7 @@ class TextGenerationServicer(textgen_pb2_grpc.TextGenerationServicer):
         return min(candidates) if candidates else None
 
     @staticmethod
-    def _response(chunk: Chunk, request_id: str, model: LoadedModel) -> textgen_pb2.GenerateResponse:
+    def _response(chunk: Chunk, request_id: str, model: ModelView) -> textgen_pb2.GenerateResponse:
         response = textgen_pb2.GenerateResponse(
             text=chunk.text, request_id=request_id, model=model.name, model_version=model.version
         )
@@ -418,7 +417,7 @@ def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _model_info(model: LoadedModel) -> textgen_pb2.ModelInfo:
+def _model_info(model: ModelView) -> textgen_pb2.ModelInfo:
     info = model.info or {}
     architecture = info.get("architecture")
     if not isinstance(architecture, dict):

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class FinishReason(str, enum.Enum):
@@ -33,6 +34,10 @@ class FinishReason(str, enum.Enum):
     DEADLINE = "deadline"  # the request's deadline passed
     ERROR = "error"  # the model call failed
     RESOURCE_EXHAUSTED = "resource_exhausted"  # the model call ran out of memory
+    # Only between processes: the engine process refused the request (at capacity) or cannot run
+    # it (shutting down, the version retired, the engine process gone).
+    REJECTED = "rejected"
+    UNAVAILABLE = "unavailable"
 
     @property
     def flushes_held_text(self) -> bool:
@@ -53,6 +58,30 @@ class Chunk:
     completion_tokens: int  # total so far
     time_to_first_token: float | None  # seconds, once known
     error: str | None = None  # the message when finish_reason is ERROR or RESOURCE_EXHAUSTED
+
+
+class EngineStream(Protocol):
+    """Where the engine writes a request's output: a ``Stream`` in-process, a ``RemoteStream`` in the engine process."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...  # None: woken by its process's outbox
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def submitted_at(self) -> float: ...
+    @property
+    def finished(self) -> bool: ...
+    def push(
+        self, token_id: int, piece: str, emit: str, logprob: float, finish: FinishReason | None, now: float
+    ) -> None: ...
+    def end(self, finish: FinishReason, emit: str = "", error: str | None = None) -> bool: ...
+    def wake(self) -> None: ...
+
+
+class Outbox(Protocol):
+    """Where the engine process's output goes: ``flush`` sends each frontend what its rows got since the last."""
+
+    def flush(self, load: tuple[int, int]) -> None: ...
 
 
 class Stream:
@@ -179,11 +208,11 @@ class LoopWaker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[Stream] = []
+        self._pending: list[EngineStream] = []
         self._scheduled = False
         self.last = -float("inf")  # monotonic time of the last scheduled wake-up (engine thread)
 
-    def add(self, streams: list[Stream]) -> None:
+    def add(self, streams: list[EngineStream]) -> None:
         with self._lock:
             self._pending.extend(streams)
 

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from service.batch import CallBudget
-from service.engine import CapacityError, Engine, EngineClosedError
+from service.engine import Engine
+from service.errors import CapacityError, EngineClosedError
 from service.metrics import ServingMetrics
 from service.model_repository import LoadedModel, ModelRepository
 from service.sampling import SamplingParams

@@ -15,7 +15,8 @@ import pytest
 from service.decoder import DECODE, DECODE_STEPS, PREFILL
 from service.engine import Engine
 from service.metrics import ServingMetrics
-from service.model_repository import ModelNotFoundError, ModelRepository, NoModelLoadedError
+from service.errors import ModelNotFoundError, NoModelLoadedError
+from service.model_repository import ModelRepository
 from service.sampling import SamplingParams
 from tests.helpers import engine_config, rss_mb, wait_until
 from tests.training.broken_versions import BREAKERS, place

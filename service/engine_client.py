@@ -1,0 +1,288 @@
+"""A frontend process's handle on the engine process: requests out, token ids in, text to each ``Stream``.
+
+``EngineClient`` has the ``submit`` of the in-process ``Engine`` (``service/request.py``'s
+``Submitter``), so the gRPC servicer and the HTTP frontend run unchanged over it. It lives on the
+frontend's event loop and owns one ZeroMQ DEALER socket (``service/ipc.py``):
+
+* ``submit`` queues the request; everything queued in one turn of the loop leaves as one message.
+* Each ``out`` message holds a model call's tokens for this frontend's rows. Here they are turned
+  into text (``Tokenizer.piece``), matched against stop sequences, timed (time to first token,
+  inter-token latency: the request metrics this process exports) and pushed to the ``Stream``;
+  a row that matched a stop is cancelled in the engine.
+* ``models`` messages keep the ``ModelCatalog`` in step with what the engine serves.
+* When the engine's socket disconnects (the engine process died), every stream ends UNAVAILABLE at
+  once, the catalog empties (health NOT_SERVING) and ``on_lost`` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from service import ipc
+from service.catalog import ModelCatalog, RemoteModel
+from service.errors import EngineClosedError
+from service.metrics import ServingMetrics
+from service.sampling import SamplingParams, StoppingCriteria
+from service.stream import FinishReason, Stream
+
+log = logging.getLogger(__name__)
+
+ENGINE_GONE = "the engine process exited; retry on another replica"
+
+
+@dataclass(eq=False)
+class _Live:
+    """A request this frontend has open in the engine."""
+
+    rid: int
+    stream: Stream
+    model: RemoteModel
+    criteria: StoppingCriteria
+    last_id: int | None
+    last_token_time: float | None = None
+
+
+class EngineClient:
+    """Submits this frontend's requests to the engine process and feeds their streams (on the event loop)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        name: bytes,
+        catalog: ModelCatalog,
+        metrics: ServingMetrics | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self.catalog = catalog
+        self.metrics = metrics
+        self.on_lost = on_lost
+        self.lost = False  # the engine process went away
+        self.engine_load = (0, 0)  # the engine's (active, waiting) as of its last message
+        self._context = zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._live: dict[int, _Live] = {}
+        self._by_stream: dict[Stream, int] = {}
+        self._next_rid = 1
+        self._submits: list[ipc.Submit] = []
+        self._cancels: list[int] = []
+        self._flush_scheduled = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ the Submitter side
+    @property
+    def active(self) -> int:
+        """Streams of this frontend that have not ended."""
+        return len(self._live)
+
+    @property
+    def waiting(self) -> int:
+        return 0  # the engine counts its queue; a frontend's streams are all "active" here
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self.name)
+        socket.setsockopt(zmq.LINGER, 0)
+        monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        socket.connect(self.endpoint)
+        self._socket = socket
+        await socket.send_multipart(ipc.encode_hello())
+        self._tasks = [
+            asyncio.create_task(self._read(socket), name="textgen-engine-read"),
+            asyncio.create_task(self._watch(monitor), name="textgen-engine-watch"),
+        ]
+
+    def submit(
+        self,
+        model: RemoteModel,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None = None,
+    ) -> Stream:
+        """Queue a request for the engine (never blocks); its stream fills as the engine's output arrives."""
+        if self._closed or self.lost:
+            raise EngineClosedError(
+                ENGINE_GONE if self.lost else "the server is shutting down and takes no new requests"
+            )
+        rid = self._next_rid
+        self._next_rid += 1
+        stream = Stream(loop, len(prompt_ids), params.include_tokens, self._cancel)
+        ids = np.asarray(prompt_ids if len(prompt_ids) else model.tokenizer.start_ids, np.int32)
+        self._live[rid] = _Live(
+            rid,
+            stream,
+            model,
+            StoppingCriteria(params.max_tokens, params.stop),
+            int(ids[-1]) if len(prompt_ids) else None,
+        )
+        self._by_stream[stream] = rid
+        self._submits.append(
+            ipc.Submit(
+                rid=rid,
+                model=model.name,
+                version=model.version,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                seed=params.seed,
+                logprobs=params.include_tokens,
+                deadline_in=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                prompt=ids,
+            )
+        )
+        self._schedule_flush()
+        return stream
+
+    def close(self) -> None:
+        """Refuse new requests; running streams go on."""
+        self._closed = True
+
+    def stop(self, timeout: float = 0.0) -> None:
+        """End every stream still open (CANCELLED: the grace period is over) and cancel them in the engine."""
+        self._closed = True
+        for live in list(self._live.values()):
+            self._end(live, FinishReason.CANCELLED, None, cancel=True)
+        self._flush()
+
+    async def aclose(self) -> None:
+        """After ``stop``: close the socket and the reader tasks."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._context.destroy(linger=0)  # closes the socket and its monitor
+
+    # ------------------------------------------------------------ sending
+    def _cancel(self, stream: Stream) -> None:
+        rid = self._by_stream.get(stream)
+        live = self._live.get(rid) if rid is not None else None
+        if live is not None:
+            self._end(live, FinishReason.CANCELLED, None, cancel=True)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what this turn of the loop queued as one message."""
+        self._flush_scheduled = False
+        if not self._submits and not self._cancels:
+            return
+        submits, self._submits = self._submits, []
+        cancels, self._cancels = self._cancels, []
+        if self._socket is None or self.lost:
+            return
+        try:
+            self._socket.send_multipart(ipc.encode_requests(submits, cancels), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the engine is not there (yet): its streams cannot run
+            log.error("cannot reach the engine process: %s", exc)
+            for submit in submits:
+                live = self._live.get(submit.rid)
+                if live is not None:
+                    self._end(live, FinishReason.UNAVAILABLE, f"the engine process is not reachable ({exc})")
+
+    # ------------------------------------------------------------ receiving
+    async def _read(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await socket.recv_multipart()
+            try:
+                header, arrays = ipc.decode(frames)
+                if header["t"] == "out":
+                    self._output(*ipc.decode_out(header, arrays))
+                elif header["t"] == "models":
+                    self.catalog.update(header["versions"])
+                else:
+                    log.error("unknown message %r from the engine", header["t"])
+            except Exception:  # a bad message must not end the reader: every stream depends on it
+                log.exception("could not handle a message from the engine")
+
+    def _output(
+        self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, ends: ipc.Ends, load: tuple[int, int]
+    ) -> None:
+        """One model call's tokens for this frontend's rows, then the rows the engine ended."""
+        self.engine_load = load
+        now = time.monotonic()
+        touched: dict[int, _Live] = {}
+        rid_list = rids.tolist()
+        counts = collections.Counter(rid_list)
+        metrics = self.metrics
+        delivered: collections.Counter[str] = collections.Counter()
+        for rid, token_id, logprob in zip(rid_list, ids.tolist(), logprobs.tolist(), strict=True):
+            live = self._live.get(rid)
+            if live is None:
+                continue  # ended here already (a stop matched, the client cancelled)
+            piece = live.model.tokenizer.piece(live.last_id, token_id)
+            live.last_id = token_id
+            emit, finish = live.criteria(piece)
+            live.stream.push(token_id, piece, emit, logprob, finish, now)
+            if metrics is not None:
+                if live.last_token_time is None:
+                    metrics.time_to_first_token.labels(model=live.model.name).observe(now - live.stream.submitted_at)
+                else:
+                    # A row's tokens of one call arrive together: each gets an equal share of the gap.
+                    share = (now - live.last_token_time) / counts[rid]
+                    metrics.inter_token_latency.labels(model=live.model.name).observe(share)
+            touched[rid] = live
+            delivered[live.model.name] += 1
+            if finish is not None:
+                self._end(live, finish, None, cancel=finish is FinishReason.STOP, ended=True)
+        for live in touched.values():
+            live.last_token_time = now
+            live.stream.wake()
+        if metrics is not None:
+            for name, n in delivered.items():
+                metrics.generated_tokens.labels(model=name).inc(n)
+        for rid, reason, error in ends:
+            live = self._live.get(rid)
+            if live is not None:
+                self._end(live, FinishReason(reason), error)
+
+    def _end(
+        self, live: _Live, reason: FinishReason, error: str | None, cancel: bool = False, ended: bool = False
+    ) -> None:
+        """Forget a request here. ``cancel``: the engine drops its row too; ``ended``: its stream has ended already."""
+        self._live.pop(live.rid, None)
+        self._by_stream.pop(live.stream, None)
+        if not ended:
+            emit = live.criteria.flush() if reason.flushes_held_text else ""
+            live.stream.end(reason, emit, error)
+            live.stream.wake()
+        if cancel:
+            self._cancels.append(live.rid)
+            self._schedule_flush()
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Waits for the engine's socket to disconnect after it connected: the engine process is gone."""
+        connected = False
+        while True:
+            event = await recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_CONNECTED:
+                connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+                self._engine_lost()
+                return
+
+    def _engine_lost(self) -> None:
+        log.error("the engine process is gone: ending %d streams with UNAVAILABLE", len(self._live))
+        self.lost = True
+        for live in list(self._live.values()):
+            self._end(live, FinishReason.UNAVAILABLE, ENGINE_GONE)
+        self.catalog.update([])
+        if self.on_lost is not None:
+            self.on_lost()

@@ -1,0 +1,312 @@
+"""The engine process of ``textgen serve --frontends N``: the models, the engine, and the socket to the frontends.
+
+It owns everything that touches TensorFlow: the ``ModelRepository`` (loading, polling, retiring
+versions) and one ``Engine`` (batches, sampler, call budget). Its main thread is the socket's only
+user (ZeroMQ sockets are not thread-safe): it takes the frontends' batched requests and cancels and
+hands them to the engine, and forwards what the engine thread queues for sending.
+
+The engine thread writes each row's tokens into a ``RemoteStream``, which appends them to its
+frontend's ``FrontendBuffer``; ``RemoteOutbox.flush``, once per model call, turns every buffer
+into one ``out`` message (``service/ipc.py``). A frontend that stops answering (the supervisor's
+``gone``, or a send that finds no such peer) has its rows cancelled at the engine's next iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from service import ipc
+from service.config import ServerConfig
+from service.engine import Engine
+from service.errors import CapacityError, EngineClosedError, ModelNotFoundError, NoModelLoadedError
+from service.metrics import ServingMetrics
+from service.model_repository import ModelRepository
+from service.sampling import SamplingParams
+from service.stream import FinishReason
+
+log = logging.getLogger(__name__)
+
+OUT_ENDPOINT = "inproc://textgen-engine-out"
+POLL_MS = 100  # how often the main thread looks at the stop flag while idle
+
+
+@dataclass(eq=False)
+class FrontendBuffer:
+    """What one frontend's rows got since the last flush (engine thread), and its live requests."""
+
+    name: bytes
+    rids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ends: ipc.Ends = field(default_factory=list)
+    streams: dict[int, RemoteStream] = field(default_factory=dict)  # under ``lock``
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    gone: bool = False
+
+
+class RemoteStream:
+    """One frontend request as the engine sees it: its tokens go to the frontend's buffer (engine thread only)."""
+
+    loop = None  # woken by the outbox, not an event loop
+    __slots__ = ("buffer", "rid", "prompt_tokens", "submitted_at", "_finish")
+
+    def __init__(self, buffer: FrontendBuffer, rid: int, prompt_tokens: int) -> None:
+        self.buffer = buffer
+        self.rid = rid
+        self.prompt_tokens = prompt_tokens
+        self.submitted_at = time.monotonic()
+        self._finish: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finish is not None
+
+    def push(
+        self, token_id: int, piece: str, emit: str, logprob: float, finish: FinishReason | None, now: float
+    ) -> None:
+        buffer = self.buffer
+        buffer.rids.append(self.rid)
+        buffer.ids.append(token_id)
+        buffer.logprobs.append(logprob)
+        if finish is not None:
+            self._finish = finish
+            buffer.ends.append((self.rid, finish.value, None))
+
+    def end(self, finish: FinishReason, emit: str = "", error: str | None = None) -> bool:
+        if self._finish is not None:
+            return False
+        self._finish = finish
+        self.buffer.ends.append((self.rid, finish.value, error))
+        return True
+
+    def wake(self) -> None:
+        pass
+
+
+class RemoteOutbox:
+    """Sends each frontend its rows' tokens once per call (engine thread; through the main thread's socket)."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        self._context = context
+        self._socket: zmq.Socket | None = None  # created by the engine thread, used only by it
+        self._lock = threading.Lock()
+        self._buffers: dict[bytes, FrontendBuffer] = {}
+
+    def buffer(self, name: bytes) -> FrontendBuffer:
+        with self._lock:
+            buffer = self._buffers.get(name)
+            if buffer is None:
+                buffer = self._buffers[name] = FrontendBuffer(name)
+            return buffer
+
+    def drop(self, name: bytes) -> FrontendBuffer | None:
+        with self._lock:
+            buffer = self._buffers.pop(name, None)
+        if buffer is not None:
+            buffer.gone = True
+        return buffer
+
+    def flush(self, load: tuple[int, int]) -> None:
+        with self._lock:
+            buffers = list(self._buffers.values())
+        for buffer in buffers:
+            if not buffer.rids and not buffer.ends:
+                continue
+            rids, ids, logprobs, ends = buffer.rids, buffer.ids, buffer.logprobs, buffer.ends
+            buffer.rids, buffer.ids, buffer.logprobs, buffer.ends = [], [], [], []
+            if ends:
+                with buffer.lock:
+                    for rid, _, _ in ends:
+                        buffer.streams.pop(rid, None)
+            if buffer.gone:
+                continue
+            if self._socket is None:
+                self._socket = self._context.socket(zmq.PUSH)
+                self._socket.connect(OUT_ENDPOINT)
+            frames = ipc.encode_out(
+                np.array(rids, np.int64), np.array(ids, np.int32), np.array(logprobs, np.float32), ends, load
+            )
+            self._socket.send_multipart([buffer.name, *frames], copy=False)
+
+
+class EngineHost:
+    """The engine process's main thread: the ROUTER socket, requests in, output out, model announcements."""
+
+    def __init__(self, config: ServerConfig, run_dir: str) -> None:
+        self.config = config
+        self.metrics = ServingMetrics()
+        self._context = zmq.Context()
+        self.outbox = RemoteOutbox(self._context)
+        self._announce = threading.Event()  # the set of serving versions changed
+        self.repository = ModelRepository(
+            config.models,
+            default_model=config.default_model,
+            metrics=self.metrics,
+            poll_seconds=config.poll_seconds,
+            keep_versions=config.keep_versions,
+            on_change=self._announce.set,
+            warmup_batch_sizes=config.warmup_batch_sizes,
+        )
+        self.engine = Engine(config.engine, self.metrics, self.outbox)
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(ipc.engine_endpoint(run_dir))
+        self._out = self._context.socket(zmq.PULL)
+        self._out.bind(OUT_ENDPOINT)
+        self._frontends: set[bytes] = set()  # that said hello and are not gone
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serve until ``stop``: load the models in a thread, then pass messages both ways."""
+        self.engine.start()
+        loader = threading.Thread(target=self._load, name="textgen-model-load", daemon=True)
+        loader.start()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._out, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(POLL_MS))
+                if self._announce.is_set():
+                    self._announce.clear()
+                    for name in list(self._frontends):
+                        self._send(name, self._models())
+                if self._out in events:
+                    for _ in range(64):  # forward what the engine queued, a bounded number at a time
+                        try:
+                            out = self._out.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._send(out[0], out[1:])
+                if self._router in events:
+                    for _ in range(64):
+                        try:
+                            message = self._router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(message[0], message[1:])
+        finally:
+            self.engine.stop(5.0)
+            self.repository.stop()
+            self._router.close(0)
+            self._out.close(0)
+
+    def _load(self) -> None:
+        try:
+            self.repository.load_all()
+        except Exception:
+            log.exception("loading models from %s failed", self.config.models)
+        self._announce.set()
+        if not self.repository.can_serve():
+            log.error("no model could be loaded: %s", self.repository.why_not_serving())
+        if not self._stop.is_set():
+            self.repository.start_polling()
+
+    def _models(self) -> list[bytes]:
+        versions = [
+            {"name": m.name, "version": m.version, "path": m.path, "vocab_size": m.vocab_size}
+            for m in self.repository.loaded()
+        ]
+        ready = self.repository.can_serve()
+        return ipc.encode_models(ready, "" if ready else self.repository.why_not_serving(), versions)
+
+    def _send(self, name: bytes, frames: list[bytes]) -> None:
+        try:
+            self._router.send_multipart([name, *frames])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._frontend_gone(name)
+
+    def _handle(self, name: bytes, frames: list[bytes]) -> None:
+        try:
+            header, arrays = ipc.decode(frames)
+            kind = header["t"]
+            if kind == "req":
+                self._requests(name, *ipc.decode_requests(header, arrays))
+            elif kind == "hello":
+                self._frontends.add(name)
+                self._send(name, self._models())
+            elif kind == "gone":
+                self._frontend_gone(str(header["frontend"]).encode())
+            elif kind == "stop" and name == ipc.SUPERVISOR_ID:
+                self.stop()
+            else:
+                log.error("unknown message %r from %r", kind, name)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("a malformed message from %r: %s", name, exc)
+
+    def _requests(self, name: bytes, submits: list[ipc.Submit], cancels: list[int]) -> None:
+        buffer = self.outbox.buffer(name)
+        refused: ipc.Ends = []
+        now = time.monotonic()
+        for submit in submits:
+            try:
+                model = self.repository.resolve(submit.model, submit.version)
+            except (ModelNotFoundError, NoModelLoadedError) as exc:
+                refused.append((submit.rid, FinishReason.UNAVAILABLE.value, f"{exc}; retry"))
+                continue
+            stream = RemoteStream(buffer, submit.rid, len(submit.prompt))
+            params = SamplingParams(
+                max_tokens=submit.max_tokens,
+                temperature=submit.temperature,
+                top_k=submit.top_k,
+                top_p=submit.top_p,
+                seed=submit.seed,
+                include_tokens=submit.logprobs,
+            )
+            deadline = None if submit.deadline_in is None else now + submit.deadline_in
+            with buffer.lock:
+                buffer.streams[submit.rid] = stream
+            try:
+                self.engine.submit_stream(model, submit.prompt.tolist(), params, stream, deadline)
+            except CapacityError as exc:
+                refused.append((submit.rid, FinishReason.REJECTED.value, str(exc)))
+            except EngineClosedError as exc:
+                refused.append((submit.rid, FinishReason.UNAVAILABLE.value, str(exc)))
+            else:
+                continue
+            with buffer.lock:
+                buffer.streams.pop(submit.rid, None)
+        if cancels:
+            with buffer.lock:
+                streams = [s for s in (buffer.streams.get(rid) for rid in cancels) if s is not None]
+            self.engine.cancel(streams)
+        if refused:
+            empty = np.zeros(0, np.int64)
+            self._send(name, ipc.encode_out(empty, empty, empty, refused, self.engine.load))
+
+    def _frontend_gone(self, name: bytes) -> None:
+        self._frontends.discard(name)
+        buffer = self.outbox.drop(name)
+        if buffer is None:
+            return
+        with buffer.lock:
+            streams = list(buffer.streams.values())
+            buffer.streams.clear()
+        if streams:
+            log.warning("frontend %s is gone: ending its %d streams", name.decode(), len(streams))
+        self.engine.cancel(streams)
+
+
+def run(config: ServerConfig, run_dir: str) -> int:
+    """The engine process: serve until the supervisor's ``stop`` (sent once the frontends have drained).
+
+    SIGTERM and SIGINT are ignored: a signal to the whole process group (a terminal's ^C, ``timeout``)
+    must not stop the engine while the frontends drain their streams.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    EngineHost(config, run_dir).run()
+    return 0
