@@ -9,8 +9,10 @@ Order of a run (one model, one machine, baselines from the same run):
 3. end to end over gRPC against ``python -m service`` at several concurrency
    levels (each level's figures are medians over ``--repeats``), then the
    interference and untrusted-prompt scenarios on the same server;
-4. the same concurrency levels against ``--max-batch-size 1`` (once each);
-5. ``DIR/results.json``, ``DIR/table.md``, ``DIR/throughput.png``,
+4. the floor: the same levels against ``benchmarks.floor_server`` (no model),
+   sending as many tokens per message as the server sent at that level;
+5. the same concurrency levels against ``--max-batch-size 1`` (once each);
+6. ``DIR/results.json``, ``DIR/table.md``, ``DIR/throughput.png``,
    ``DIR/latency.png``; the table is printed too.
 
 ``--quick`` shrinks everything (a 16-unit model, two small levels, a few
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
+from benchmarks.floor_server import FloorProcess, FloorSpec
 from benchmarks.interference import InterferenceConfig, measure_interference
 from benchmarks.untrusted_prompts import QUICK as QUICK_UNTRUSTED
 from benchmarks.untrusted_prompts import UntrustedConfig, measure_untrusted
@@ -83,6 +86,7 @@ class BenchConfig:
     run_e2e: bool = True
     run_interference: bool = True
     run_untrusted: bool = True
+    run_floor: bool = True
     profile: bool = False  # py-spy the batched server during one extra run at reference_streams
     overlap_startup: bool = False  # --quick: start both servers at once (saves a start-up; not for real figures)
     reference_streams: int = 64
@@ -123,7 +127,9 @@ def _median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "seconds", "tokens_per_message")
     for key in (
         *keys,
-        "server_cpu_s",
+        "server_cpu_seconds",
+        "cpu_us_per_token",
+        "cpu_ms_per_request",
         "client_cpu_percent",
         "server_mean_batch",
         "server_step_ms_mean",
@@ -139,6 +145,7 @@ def _median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["error_codes"] = codes
     out["server_rss_kb_per_stream"] = max(r["server_rss_kb_per_stream"] for r in runs)
     out["server_rss_kb_peak"] = max(r["server_rss_kb_peak"] for r in runs)
+    out["server_processes"] = max((r.get("server_processes") or 0 for r in runs), default=0) or None
     out["repeats"] = len(runs)
     out["tokens_per_s_all"] = [r["tokens_per_s"] for r in runs]
     return out
@@ -194,7 +201,7 @@ def run_server_levels(
                 part["levels"].append(level)
                 print(
                     f"  e2e {tag}: {n} streams x {tokens} tokens: {level['tokens_per_s']:,.0f} tokens/s, "
-                    f"errors {level['errors']}",
+                    f"server CPU {_us(level['cpu_us_per_token'])} us/token, errors {level['errors']}",
                     flush=True,
                 )
             if not baseline and config.reference_streams in streams:
@@ -225,6 +232,45 @@ def run_server_levels(
     except Exception as e:
         part["error"] = f"{type(e).__name__}: {e}"
         print(f"  e2e {tag} failed: {part['error']}", file=sys.stderr, flush=True)
+    return part
+
+
+def _us(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
+def run_floor_levels(config: BenchConfig, batched: dict[str, Any]) -> dict[str, Any]:
+    """The batched server's levels against the floor server, one floor process per level.
+
+    Each level's floor sends the tokens per message the batched server sent at that level (the
+    median over repeats), so both serve the same messages.
+    """
+    e2e = config.e2e
+    part: dict[str, Any] = {"levels": []}
+    try:
+        for served in batched.get("levels", []):
+            n, tokens = served["streams"], served["max_tokens"]
+            per_message = served.get("tokens_per_message") or 1.0
+            log = os.path.join(config.out, "logs", f"floor-{n}-streams.log")
+            with FloorProcess(FloorSpec(tokens_per_message=per_message, model="bench"), log) as floor:
+                measure_level(floor, e2e.warmup_streams, e2e.warmup_tokens, e2e.prompt_chars, e2e.level_timeout)
+                after_warmup = floor.rss_kb() or 0
+                runs = [
+                    measure_level(floor, n, tokens, e2e.prompt_chars, e2e.level_timeout) for _ in range(e2e.repeats)
+                ]
+            level = _median_level(runs)
+            level["server_rss_kb_per_stream_since_warmup"] = max(0, level["server_rss_kb_peak"] - after_warmup) / n
+            level["tokens_per_message_sent"] = per_message
+            part["levels"].append(level)
+            print(
+                f"  floor: {n} streams x {tokens} tokens at {per_message:.2f} tokens/message: "
+                f"{level['tokens_per_s']:,.0f} tokens/s, server CPU {_us(level['cpu_us_per_token'])} us/token, "
+                f"errors {level['errors']}",
+                flush=True,
+            )
+    except Exception as e:
+        part["error"] = f"{type(e).__name__}: {e}"
+        print(f"  floor failed: {part['error']}", file=sys.stderr, flush=True)
     return part
 
 
@@ -293,6 +339,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             for key, server, baseline in servers:
                 print(f"end to end: --max-batch-size {server.spec.max_batch_size} ...", flush=True)
                 results["e2e"][key] = run_server_levels(config, server, baseline, results)
+                if not baseline and config.run_floor:
+                    print("end to end: the floor (a bare grpc.aio server, no model) ...", flush=True)
+                    results["e2e"]["floor"] = run_floor_levels(config, results["e2e"][key])
         finally:
             for _, server, _ in servers:
                 server.__exit__()
@@ -345,6 +394,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
     parser.add_argument("--no-interference", action="store_true")
     parser.add_argument("--no-untrusted", action="store_true", help="skip the untrusted-prompt scenario")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare gRPC server's levels")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
     parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
     parser.add_argument("--call-budget-ms", type=float, help="the servers' --call-budget-ms (default 25)")
@@ -407,6 +457,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         run_e2e=not args.no_e2e,
         run_interference=not args.no_interference,
         run_untrusted=not args.no_untrusted,
+        run_floor=not args.no_floor,
         profile=args.profile,
         overlap_startup=args.quick,
         reference_streams=reference,

@@ -7,13 +7,19 @@ server coalesces for slow readers), so a message of ``k`` tokens arriving
 ``gap`` seconds after the previous one counts as ``k`` inter-token samples of
 ``gap / k``; time to first token is from sending the request to the first
 message with text. Tokens are counted from the final message's usage (text
-length when a stream ends without one). It writes one JSON summary.
+length when a stream ends without one). Given ``--server-pid``, it reads the
+CPU seconds of that process and all its descendants (``benchmarks.proc_cpu``)
+just before opening the first channel and just after the last stream ends,
+so the server's CPU per token and per request cover the load and nothing
+else. It writes one JSON summary.
 
-The harness side (``ServerProcess``, ``RssSampler``, ``run_load``) starts
-``python -m service`` on 127.0.0.1, waits for health SERVING, runs one load
-process per measurement while sampling the server's ``VmRSS`` from
-``/proc/<pid>/status`` and scraping its step counters from ``/metrics``, and
-stops the server with SIGTERM.
+The harness side (``ServerProcess``, ``RssSampler``, ``run_load``,
+``measure_level``) starts ``python -m service`` on 127.0.0.1, waits for health
+SERVING, runs one load process per measurement while sampling the ``VmRSS``
+of the server's process tree and scraping its step counters from
+``/metrics``, and stops the server with SIGTERM. ``measure_level`` measures
+anything that has a ``LoadTarget``'s attributes, such as the bare gRPC floor
+(``benchmarks.floor_server``).
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from benchmarks.proc_cpu import rss_kb, tree_cpu_seconds, tree_pids
 from benchmarks.prompts import bench_corpus, prompt
 
 LOCALHOST = "127.0.0.1"
@@ -172,6 +179,16 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_figures(server_cpu_seconds: float | None, tokens: int, requests: int) -> dict[str, float | None]:
+    """Server CPU per completion token (microseconds) and per request (milliseconds)."""
+    cpu = server_cpu_seconds
+    return {
+        "server_cpu_seconds": cpu,
+        "cpu_us_per_token": None if cpu is None or not tokens else 1e6 * cpu / tokens,
+        "cpu_ms_per_request": None if cpu is None or not requests else 1e3 * cpu / requests,
+    }
+
+
 LoadFn = Callable[[str, int, int, int, float, str], Coroutine[Any, Any, dict[str, Any]]]
 
 
@@ -184,15 +201,22 @@ def load_main(prog: str, load: LoadFn, what: str, argv: Sequence[str] | None = N
     parser.add_argument("--prompt-chars", type=int, default=16)
     parser.add_argument("--model", default="", help="model name ('' = the server's default)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole load")
+    parser.add_argument("--server-pid", type=int, help="report the CPU of this process and its descendants")
     parser.add_argument("--out-json", required=True)
     args = parser.parse_args(argv)
     for name in ("streams", "max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    server_before = None if args.server_pid is None else tree_cpu_seconds(args.server_pid)
     cpu_before, wall_before = _own_cpu_seconds(), time.perf_counter()
     summary = asyncio.run(load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model))
     # What the load generator took from the cores the server also runs on.
     summary["client_cpu_percent"] = 100.0 * (_own_cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
+    if args.server_pid is not None:
+        server_after = tree_cpu_seconds(args.server_pid)
+        server_cpu = None if server_before is None or server_after is None else server_after - server_before
+        summary.update(cpu_figures(server_cpu, summary["tokens"], summary["requests"]))
+        summary["server_processes"] = len(tree_pids(args.server_pid))
     with open(args.out_json, "w", encoding="utf-8") as f:
         json.dump(summary, f)
     return 0
@@ -206,42 +230,33 @@ def free_port() -> int:
         return port
 
 
-def rss_kb(pid: int) -> int | None:
-    """``VmRSS`` of ``pid`` in KiB, None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds ``pid`` has used so far (``/proc/<pid>/stat``), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # after the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def tree_rss_kb(pids: Sequence[int]) -> int | None:
+    """The summed ``VmRSS`` of ``pids`` in KiB (gone processes count 0); None when all are gone."""
+    values = [v for v in map(rss_kb, pids) if v is not None]
+    return sum(values) if values else None
 
 
 class RssSampler:
-    """Samples a process's RSS every ``interval`` seconds in a thread; ``peak_kb`` is the largest seen."""
+    """Samples the summed RSS of a process tree every ``interval`` s in a thread; ``peak_kb`` is the largest seen.
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+    The tree's pids are looked up again every ``tree_interval`` seconds (a walk of /proc costs
+    about a millisecond; reading a few ``status`` files, much less).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.02, tree_interval: float = 0.5) -> None:
         self._pid = pid
         self._interval = interval
+        self._tree_interval = tree_interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self.peak_kb = 0
 
     def _run(self) -> None:
+        pids, looked_up = [self._pid], -math.inf
         while not self._stop.is_set():
-            value = rss_kb(self._pid)
+            if time.monotonic() - looked_up >= self._tree_interval:
+                pids, looked_up = tree_pids(self._pid) or [self._pid], time.monotonic()
+            value = tree_rss_kb(pids)
             if value is not None:
                 self.peak_kb = max(self.peak_kb, value)
             self._stop.wait(self._interval)
@@ -268,6 +283,27 @@ class ServerSpec:
     extra_args: tuple[str, ...] = ()
 
 
+class LoadTarget(Protocol):
+    """What ``measure_level`` needs of a running server: where to send load, whose CPU and RSS to read."""
+
+    @property
+    def pid(self) -> int: ...  # the root of the server's process tree
+
+    @property
+    def target(self) -> str: ...  # gRPC HOST:PORT
+
+    @property
+    def http_target(self) -> str | None: ...  # HTTP HOST:PORT, None without an HTTP API
+
+    @property
+    def metrics_port(self) -> int | None: ...  # None without /metrics
+
+    @property
+    def model(self) -> str: ...  # the model name requests ask for
+
+    def rss_kb(self) -> int | None: ...
+
+
 class ServerProcess:
     """``python -m service`` on 127.0.0.1 with free ports; a context manager that always stops it."""
 
@@ -288,6 +324,10 @@ class ServerProcess:
         proc = self._proc or self._stopped
         assert proc is not None, "the server was never launched"
         return proc.pid
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
 
     def command(self) -> list[str]:
         s = self.spec
@@ -361,7 +401,8 @@ class ServerProcess:
             return ""
 
     def rss_kb(self) -> int | None:
-        return rss_kb(self.pid)
+        """The summed RSS of the server and its descendants."""
+        return tree_rss_kb(tree_pids(self.pid))
 
     def __exit__(self, *exc: object) -> None:
         proc, self._proc = self._proc, None
@@ -519,31 +560,35 @@ def run_load(module: str, args: Sequence[str], timeout: float) -> dict[str, Any]
 
 
 def measure_level(
-    server: ServerProcess,
+    server: LoadTarget,
     streams: int,
     max_tokens: int,
     prompt_chars: int,
     timeout: float,
     protocol: str = "grpc",
 ) -> dict[str, Any]:
-    """One concurrency level against a running server, with the server's RSS before and at peak.
+    """One concurrency level against a running server, with its RSS before and at peak and its CPU.
 
     ``protocol`` "grpc" loads it with Generate streams (this module), "http" with SSE completions
-    (``benchmarks.http_bench``); the summaries compare directly.
+    (``benchmarks.http_bench``); the summaries compare directly. RSS and CPU are those of the
+    server's whole process tree; the load generator reads the CPU (``--server-pid``).
     """
     before = server.rss_kb() or 0
-    cpu_before = cpu_seconds(server.pid) or 0.0
-    counters_before = scrape_server(server.metrics_port)
-    http = protocol == "http"
-    target, module = (server.http_target, "benchmarks.http_bench") if http else (server.target, "benchmarks.e2e_bench")
+    counters_before = scrape_server(server.metrics_port) if server.metrics_port is not None else {}
+    if protocol == "http":
+        if server.http_target is None:
+            raise ValueError("this server has no HTTP API")
+        target, module = server.http_target, "benchmarks.http_bench"
+    else:
+        target, module = server.target, "benchmarks.e2e_bench"
     args = ["--target", target, "--streams", str(streams), "--max-tokens", str(max_tokens)]
-    args += ["--prompt-chars", str(prompt_chars), "--model", server.spec.model, "--timeout", str(timeout)]
+    args += ["--prompt-chars", str(prompt_chars), "--model", server.model, "--timeout", str(timeout)]
+    args += ["--server-pid", str(server.pid)]
     with RssSampler(server.pid) as sampler:
         summary = run_load(module, args, timeout=timeout + 60.0)
-    cpu_after = cpu_seconds(server.pid)
-    summary.update(server_view(counters_before, scrape_server(server.metrics_port), summary["seconds"]))
+    if server.metrics_port is not None:
+        summary.update(server_view(counters_before, scrape_server(server.metrics_port), summary["seconds"]))
     summary.update(
-        server_cpu_s=None if cpu_after is None else cpu_after - cpu_before,
         streams=streams,
         max_tokens=max_tokens,
         protocol=protocol,

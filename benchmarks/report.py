@@ -51,6 +51,11 @@ def _engine_rate(results: dict[str, Any], batch: int) -> float | None:
     return None if row is None else float(row["tokens_per_s"])
 
 
+def _get(level: dict[str, Any] | None, key: str) -> float | None:
+    value = None if level is None else level.get(key)
+    return None if value is None else float(value)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -66,6 +71,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
     seeds = results.get("engine", {}).get("seed_loop", {}).get("tokens_per_s")
     rate = None if batched is None else float(batched["tokens_per_s"])
     http = e2e.get("batched", {}).get("http")
+    floor = _level(e2e.get("floor", {}).get("levels", []), ref)
     inter = results.get("interference", {})
     with_p99 = inter.get("with_arrivals", {}).get("itl_ms_p99")
     without_p50 = inter.get("without_arrivals", {}).get("itl_ms_p50")
@@ -91,6 +97,13 @@ def targets(results: dict[str, Any]) -> list[Target]:
             _ratio(None if http is None else float(http["tokens_per_s"]), rate),
             0.7,
             True,
+            "x",
+        ),
+        Target(
+            f"{ref} streams: server CPU per token / the floor's",
+            _ratio(_get(batched, "cpu_us_per_token"), _get(floor, "cpu_us_per_token")),
+            2.0,
+            False,
             "x",
         ),
         Target(f"{cap} streams: errors", None if capacity is None else float(capacity["errors"]), 0.0, False, ""),
@@ -178,6 +191,32 @@ def _untrusted_lines(u: dict[str, Any]) -> list[str]:
     ]
 
 
+def _cpu_lines(batched: dict[str, Any], floor: dict[str, Any]) -> list[str]:
+    """The batched server's CPU per token and per request beside the floor's, level by level."""
+    lines = [
+        "### Server CPU per token and per request (the server's process tree, from /proc), against the floor",
+        "",
+    ]
+    if floor.get("error"):
+        lines += [f"The floor was not measured: {floor['error']}", ""]
+    lines += [
+        "| streams | tokens/stream | tokens/message | server processes | server CPU s "
+        "| CPU µs/token | CPU ms/request | floor: CPU µs/token | floor: CPU ms/request | floor: tokens/s "
+        "| server / floor, per token |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in batched.get("levels", []):
+        f = _level(floor.get("levels", []), r["streams"]) or {}
+        lines.append(
+            f"| {r['streams']} | {r['max_tokens']} | {_f(r.get('tokens_per_message'), 2)} "
+            f"| {_f(r.get('server_processes'))} | {_f(r.get('server_cpu_seconds'), 2)} "
+            f"| {_f(r.get('cpu_us_per_token'), 2)} | {_f(r.get('cpu_ms_per_request'), 3)} "
+            f"| {_f(f.get('cpu_us_per_token'), 2)} | {_f(f.get('cpu_ms_per_request'), 3)} "
+            f"| {_f(f.get('tokens_per_s'))} | {_f(_ratio(r.get('cpu_us_per_token'), f.get('cpu_us_per_token')), 2)} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole run as markdown tables."""
     lines: list[str] = []
@@ -238,7 +277,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(r['ttft_ms_p99'])} | {_f(r['itl_ms_p50'], 2)} | {_f(r['itl_ms_p99'], 2)} | {r['errors']} "
                 f"| {_f(r['server_rss_kb_per_stream'])} / {_f(r.get('server_rss_kb_per_stream_since_warmup'))} "
                 f"| {_f(r.get('tokens_per_message'), 2)} "
-                f"| {_f(_percent(r.get('server_cpu_s'), r.get('seconds')), 0)} "
+                f"| {_f(_percent(r.get('server_cpu_seconds'), r.get('seconds')), 0)} "
                 f"| {_f(r.get('client_cpu_percent'), 0)} | {_f(r.get('server_mean_batch'))} "
                 f"| {_f(r.get('server_step_ms_mean'), 2)} | {_f(_percent(r.get('server_step_share'), 1.0), 0)} |"
             )
@@ -247,14 +286,16 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [
                 "",
                 "| the same server over HTTP SSE: streams | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms "
-                "| errors | server CPU % | client CPU % |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "| errors | server CPU % | server CPU µs/token | client CPU % |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                 f"| {http['streams']} | {_f(http['tokens_per_s'])} | {_f(http['ttft_ms_p50'])} "
                 f"| {_f(http['itl_ms_p50'], 2)} | {_f(http['itl_ms_p99'], 2)} | {http['errors']} "
-                f"| {_f(_percent(http.get('server_cpu_s'), http.get('seconds')), 0)} "
-                f"| {_f(http.get('client_cpu_percent'), 0)} |",
+                f"| {_f(_percent(http.get('server_cpu_seconds'), http.get('seconds')), 0)} "
+                f"| {_f(http.get('cpu_us_per_token'), 2)} | {_f(http.get('client_cpu_percent'), 0)} |",
             ]
         lines.append("")
+        if key == "batched":
+            lines += _cpu_lines(part, e2e.get("floor", {}))
     inter = results.get("interference", {})
     if inter.get("error"):
         lines += ["### Interference", "", f"Not measured: {inter['error']}", ""]
@@ -316,7 +357,11 @@ def plot_throughput(results: dict[str, Any], path: str) -> None:
     if rows:
         ax.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "s--", label="engine only (batch = B)")
     e2e = results.get("e2e", {})
-    for key, label in (("batched", "end to end, batched"), ("max_batch_size_1", "end to end, --max-batch-size 1")):
+    for key, label in (
+        ("batched", "end to end, batched"),
+        ("max_batch_size_1", "end to end, --max-batch-size 1"),
+        ("floor", "floor: bare gRPC server, no model"),
+    ):
         levels = e2e.get(key, {}).get("levels", [])
         if levels:
             ax.plot([r["streams"] for r in levels], [r["tokens_per_s"] for r in levels], "o-", label=label)

@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks.bench import parse_config
 from benchmarks.e2e_bench import StreamRecord, percentile, summarize, summarize_profile
+from benchmarks.floor_server import message_sizes
 from benchmarks.interference import itl_in_window
 from benchmarks.report import targets
 from benchmarks.untrusted_prompts import largest_gap_ms
@@ -100,9 +101,23 @@ def test_default_config_is_the_issue_run(tmp_path: Path) -> None:
 
 
 def _results(
-    e2e_64: float, mbs1_64: float, engine_64: float, seeds: float, p99_with: float, p50_without: float, http_64: float
+    e2e_64: float,
+    mbs1_64: float,
+    engine_64: float,
+    seeds: float,
+    p99_with: float,
+    p50_without: float,
+    http_64: float,
+    cpu_us: float = 4.0,
+    floor_cpu_us: float = 2.0,
 ):
-    level = {"streams": 64, "tokens_per_s": e2e_64, "errors": 0, "server_rss_kb_per_stream_since_warmup": 10.0}
+    level = {
+        "streams": 64,
+        "tokens_per_s": e2e_64,
+        "errors": 0,
+        "server_rss_kb_per_stream_since_warmup": 10.0,
+        "cpu_us_per_token": cpu_us,
+    }
     return {
         "config": {"reference_streams": 64, "capacity_streams": 1000},
         "engine": {
@@ -114,6 +129,7 @@ def _results(
                 "levels": [level, dict(level, streams=1000, errors=3, server_rss_kb_per_stream_since_warmup=70.0)],
                 "http": dict(level, tokens_per_s=http_64),
             },
+            "floor": {"levels": [{"streams": 64, "cpu_us_per_token": floor_cpu_us}]},
             "max_batch_size_1": {"levels": [{"streams": 64, "tokens_per_s": mbs1_64}]},
         },
         "interference": {"with_arrivals": {"itl_ms_p99": p99_with}, "without_arrivals": {"itl_ms_p50": p50_without}},
@@ -122,9 +138,10 @@ def _results(
 
 def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
     good = {t.name: t for t in targets(_results(10_000, 1_000, 15_000, 10, 3.9, 2.0, 7_000))}
-    assert [t.passed for t in good.values()] == [True, True, True, True, True, False, False]
-    bad = [t.passed for t in targets(_results(7_000, 1_000, 12_000, 10, 4.1, 2.0, 4_800))]
-    assert bad[:5] == [False, False, False, False, False]
+    assert [t.passed for t in good.values()] == [True, True, True, True, True, True, False, False]
+    assert good["64 streams: server CPU per token / the floor's"].value == pytest.approx(2.0)
+    bad = [t.passed for t in targets(_results(7_000, 1_000, 12_000, 10, 4.1, 2.0, 4_800, cpu_us=4.1))]
+    assert bad[:6] == [False, False, False, False, False, False]
     missing = targets({"config": {"reference_streams": 64, "capacity_streams": 1000}})
     assert all(t.passed is None for t in missing)
 
@@ -154,7 +171,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert engine["seed_loop"]["ms_per_token"] > 0
     assert engine["onestep"]["ms_per_token"] > 0
 
-    for key in ("batched", "max_batch_size_1"):
+    for key in ("batched", "max_batch_size_1", "floor"):
         part = results["e2e"][key]
         assert "error" not in part
         assert [lv["streams"] for lv in part["levels"]] == [1, 4]
@@ -163,6 +180,12 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
             assert level["completed"] == level["requests"] == level["streams"]
             assert level["tokens"] == level["streams"] * level["max_tokens"]
             assert level["tokens_per_s"] > 0
+            # The CPU of the server's whole process tree, per token and per request.
+            assert level["server_processes"] >= 1
+            cpu = level["server_cpu_seconds"]
+            assert cpu is not None and cpu >= 0
+            assert level["cpu_us_per_token"] == pytest.approx(1e6 * cpu / level["tokens"])
+            assert level["cpu_ms_per_request"] == pytest.approx(1e3 * cpu / level["requests"])
             for field in (
                 "ttft_ms_p50",
                 "ttft_ms_p99",
@@ -185,10 +208,22 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     http = results["e2e"]["batched"]["http"]  # the same load over HTTP SSE at the reference level
     assert http["streams"] == 4 and http["errors"] == 0 and http["completed"] == 4
     assert http["tokens"] == 4 * http["max_tokens"] and http["tokens_per_s"] > 0
-    assert len(results["targets"]) == 7
-    assert all(t["passed"] is not None for t in results["targets"])  # every target was measured
+    # The floor sends what the batched server sent: as many messages per stream, as many tokens each.
+    for served, floor in zip(results["e2e"]["batched"]["levels"], results["e2e"]["floor"]["levels"], strict=True):
+        assert floor["max_tokens"] == served["max_tokens"]
+        assert floor["tokens_per_message_sent"] == served["tokens_per_message"]
+        per_stream = len(message_sizes(floor["max_tokens"], served["tokens_per_message"]))
+        assert floor["messages"] == floor["streams"] * per_stream
+    assert http["server_cpu_seconds"] is not None and http["cpu_us_per_token"] is not None
+    assert len(results["targets"]) == 8
+    # Every target was measured; the floor's 64 tokens may take less CPU than one clock tick (no ratio then).
+    floor_cpu = results["e2e"]["floor"]["levels"][-1]["server_cpu_seconds"]
+    unmeasured = {t["name"] for t in results["targets"] if t["passed"] is None}
+    assert unmeasured <= ({"4 streams: server CPU per token / the floor's"} if floor_cpu == 0 else set())
     assert results["machine"]["nproc"] >= 1
-    assert "### Targets" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "### Targets" in table
+    assert "### Server CPU per token and per request" in table
     for png in ("throughput.png", "latency.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png
