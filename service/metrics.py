@@ -2,6 +2,9 @@
 
 Each server builds its own ``ServingMetrics`` (and so its own
 ``CollectorRegistry``), so two servers in one process never share counters.
+With frontend processes (``service/supervisor.py``) every process writes its samples to
+``prometheus_client``'s multiprocess files and the supervisor serves their sum; the gauges
+are then summed over live processes (only the engine process sets them).
 Buckets are chosen for the times this service sees: a CPU step of a small
 LSTM takes ~0.1-20 ms, a first token ~1 ms to seconds under load, whole
 requests up to minutes.
@@ -95,12 +98,14 @@ class ServingMetrics:
             "textgen_active_sequences",
             "Sequences in the running batch.",
             ["model"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.waiting_requests = Gauge(
             "textgen_waiting_requests",
             "Requests accepted but not yet in the running batch.",
             ["model"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.model_load_failures = Counter(
@@ -113,5 +118,6 @@ class ServingMetrics:
             "textgen_model_loaded",
             "1 for each model version loaded and taking traffic.",
             ["model", "version"],
+            multiprocess_mode="livesum",
             registry=r,
         )

@@ -331,6 +331,8 @@ class ModelRepository:
             self._retiring[id(model)] = model
         if self.metrics is not None:
             try:
+                # With frontend processes, a sample stays in the multiprocess files: it reads 0.
+                self.metrics.model_loaded.labels(model=model.name, version=str(model.version)).set(0)
                 self.metrics.model_loaded.remove(model.name, str(model.version))
             except KeyError:
                 pass

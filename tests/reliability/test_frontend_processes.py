@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import textgen_pb2, textgen_pb2_grpc
 from tests.helpers import ServerProcess, health_status, metric_sample, scrape, wait_until
@@ -144,6 +145,14 @@ def test_frontends_share_the_port_and_the_engine(start_process: Callable[..., Se
     assert metric_sample(exposition, "textgen_generated_tokens_total") == 30 * CONNECTIONS
     assert metric_sample(exposition, "textgen_step_duration_seconds_count") > 0
     assert metric_sample(exposition, "textgen_time_to_first_token_seconds_count") == CONNECTIONS
+    gauges = [
+        sample
+        for family in text_string_to_metric_families(exposition)
+        if family.name in ("textgen_active_sequences", "textgen_model_loaded")
+        for sample in family.samples
+    ]
+    assert gauges and all("pid" not in sample.labels for sample in gauges), gauges
+    assert metric_sample(exposition, "textgen_model_loaded") == 1
 
 
 def test_the_same_seed_gives_the_same_text_as_one_process(start_process: Callable[..., ServerProcess]) -> None:
