@@ -29,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -426,14 +427,14 @@ def py_spy_path() -> str | None:
 
 
 class Profiler:
-    """``py-spy record`` of a process while the ``with`` block runs (collapsed stacks, no pausing of the target)."""
+    """``py-spy record`` of a process and its subprocesses while the ``with`` block runs (no pausing of them)."""
 
     def __init__(self, pid: int, out_path: str, rate: int = 100, max_seconds: float = 300.0) -> None:
         exe = py_spy_path()
         if exe is None:
             raise RuntimeError("py-spy is not installed (pip install py-spy, or the 'bench' extra)")
         self.out_path = out_path
-        self._cmd = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+        self._cmd = [exe, "record", "--pid", str(pid), "--subprocesses", "--rate", str(rate), "--format", "raw"]
         self._cmd += ["--output", out_path, "--nonblocking", "--duration", str(int(max_seconds))]
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -455,11 +456,20 @@ class Profiler:
             proc.wait(timeout=10.0)
 
 
+# py-spy --subprocesses starts each stack with one frame per process from the root down.
+_PROCESS_FRAME = re.compile(r'process (\d+):"([^"]*)";')
+
+
 def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
-    """Shares of samples by thread, and by function (file:line dropped): on top (self) and anywhere (inclusive)."""
+    """Shares of samples by thread, and by function (file:line dropped): on top (self) and anywhere (inclusive).
+
+    When the stacks come from several processes, a thread is named with its process's pid, and
+    ``processes`` maps each pid to its command line.
+    """
     self_counts: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     threads: dict[str, int] = {}
+    processes: dict[str, str] = {}
     total = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -468,8 +478,14 @@ def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
                 continue
             count = int(count_text)
             total += count
+            pid = None
+            while match := _PROCESS_FRAME.match(stack):
+                pid, stack = match.group(1), stack[match.end() :]
+                processes[pid] = match.group(2)[:200]
             frames = [_frame_name(fr) for fr in stack.split(";")]
             thread = _thread_of(frames)
+            if pid is not None:
+                thread = f"pid {pid}: {thread}"
             threads[thread] = threads.get(thread, 0) + count
             self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
             for name in set(frames):
@@ -484,6 +500,7 @@ def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
         "threads": ranked(threads) if total else [],
         "self": ranked(self_counts) if total else [],
         "inclusive": ranked(inclusive) if total else [],
+        "processes": processes,
     }
 
 

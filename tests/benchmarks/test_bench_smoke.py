@@ -70,6 +70,19 @@ def test_profile_summary_ranks_self_and_inclusive_time(tmp_path: Path) -> None:
         "Thread._bootstrap (t.py:1);Thread.run (threading.py:9);Engine._run (s/engine.py:4) 3\nmain (m.py:1) 1\n"
     )
     assert summarize_profile(str(raw))["threads"][0] == ["Engine._run (s/engine.py)", 0.75]
+    # py-spy --subprocesses: a frame per process from the root down; a command line may hold ";".
+    child = "python -c from multiprocessing.spawn import main; main()"
+    raw.write_text(
+        f'process 7:"python -m service";process 9:"{child}";step (s/engine.py:4) 3\n'
+        'process 7:"python -m service";main (m.py:1) 1\n'
+    )
+    summary = summarize_profile(str(raw))
+    assert summary["threads"] == [
+        ["pid 9: main thread (asyncio event loop: gRPC, servicer)", 0.75],
+        ["pid 7: main thread (asyncio event loop: gRPC, servicer)", 0.25],
+    ]
+    assert summary["self"][0] == ["step (s/engine.py)", 0.75]
+    assert summary["processes"] == {"7": "python -m service", "9": child}
 
 
 @pytest.mark.parametrize(
