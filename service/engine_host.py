@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zmq
@@ -163,15 +164,21 @@ class EngineHost:
         self._out.bind(OUT_ENDPOINT)
         self._frontends: set[bytes] = set()  # that said hello and are not gone
         self._stop = threading.Event()
+        self._loader: threading.Thread | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def loading(self) -> bool:
+        """Whether the first load of the repository is still running."""
+        return self._loader is not None and self._loader.is_alive()
+
     def run(self) -> None:
         """Serve until ``stop``: load the models in a thread, then pass messages both ways."""
         self.engine.start()
-        loader = threading.Thread(target=self._load, name="textgen-model-load", daemon=True)
-        loader.start()
+        self._loader = threading.Thread(target=self._load, name="textgen-model-load", daemon=True)
+        self._loader.start()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._out, zmq.POLLIN)
@@ -300,7 +307,7 @@ class EngineHost:
         self.engine.cancel(streams)
 
 
-def run(config: ServerConfig, run_dir: str) -> int:
+def run(config: ServerConfig, run_dir: str, up: Any = None) -> int:
     """The engine process: serve until the supervisor's ``stop`` (sent once the frontends have drained).
 
     SIGTERM and SIGINT are ignored: a signal to the whole process group (a terminal's ^C, ``timeout``)
@@ -308,5 +315,10 @@ def run(config: ServerConfig, run_dir: str) -> int:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    EngineHost(config, run_dir).run()
+    host = EngineHost(config, run_dir)
+    if up is not None:
+        up.set()  # bound: from now on the supervisor stops it with a message
+    host.run()
+    if host.loading:
+        log.warning("exiting while the first model load is still running")
     return 0

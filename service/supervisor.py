@@ -95,6 +95,7 @@ class Supervisor:
         self._restarts: list[float] = []
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
+        self._engine_up: Any = None  # a multiprocessing Event, set once the engine process has bound its socket
         self.child_config = config
 
     def run(self) -> int:
@@ -128,8 +129,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         bound = self._context.SimpleQueue()
+        self._engine_up = self._context.Event()
         self._engine = self._context.Process(
-            target=_engine_main, args=(self.child_config, self.run_dir, self.frontends), name="textgen-engine"
+            target=_engine_main,
+            args=(self.child_config, self.run_dir, self.frontends, self._engine_up),
+            name="textgen-engine",
         )
         self._engine.start()
         for index in range(self.frontends):
@@ -235,6 +239,12 @@ class Supervisor:
                     self._start_frontend(index, bound)
             log.info("shutting down: %d frontends drain their streams", len(self._frontends))
             clean = self._stop_frontends(grace=self.config.grace_seconds)
+            if not self._engine_up.is_set():
+                # Still importing TensorFlow or binding: no request can have reached it.
+                log.warning("exiting while the engine process is still starting (the first model load)")
+                engine.kill()
+                engine.join(STOP_EXTRA)
+                return 0 if clean else 1
             notices.send_multipart(ipc.encode_stop())
             engine.join(STOP_EXTRA)
             if engine.is_alive():
@@ -287,7 +297,7 @@ def _child_logging(config: ServerConfig) -> None:
     )
 
 
-def _engine_main(config: ServerConfig, run_dir: str, frontends: int) -> None:
+def _engine_main(config: ServerConfig, run_dir: str, frontends: int, up: Any) -> None:
     set_parent_death_signal(signal.SIGKILL)  # it ignores SIGTERM (see engine_host.run)
     from training.tf_runtime import import_tensorflow_quietly
 
@@ -299,7 +309,11 @@ def _engine_main(config: ServerConfig, run_dir: str, frontends: int) -> None:
     threads = configure_process(config, os.environ, frontends)
     if threads is not None:
         log.info("TensorFlow uses %d intra-op thread(s) beside %d frontend processes", threads, frontends)
-    sys.exit(engine_host.run(config, run_dir))
+    code = engine_host.run(config, run_dir, up)
+    # A first model load may still run in its daemon thread, inside TensorFlow, which cannot be
+    # interrupted; finalising the interpreter under it can crash the exit. Leave at once.
+    logging.shutdown()
+    os._exit(code)
 
 
 def _frontend_main(config: ServerConfig, endpoint: str, name: bytes, bound: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import threading
@@ -160,5 +161,8 @@ def test_sigterm_during_the_first_model_load_exits_without_waiting_for_it(
     server.proc.send_signal(signal.SIGTERM)  # the port is bound; the first load has begun
     assert server.proc.wait(timeout=60) == 0, server.log()
     log = server.log()
-    assert "exiting while the first model load is still running" in log, log
+    # One process says it of its load; with frontend processes the supervisor or the engine does.
+    assert re.search(
+        "exiting while (the first model load is still running|the engine process is still starting)", log
+    ), log
     assert "ready: serving" not in log
