@@ -17,6 +17,7 @@ import logging
 import signal
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +44,10 @@ class FrontendBuffer:
     """What one frontend's rows got since the last flush (engine thread), and its live requests."""
 
     name: bytes
-    rids: list[int] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    # Typed arrays: an append costs what a list's does, and the message takes their bytes as they are.
+    rids: array = field(default_factory=lambda: array("q"))
+    ids: array = field(default_factory=lambda: array("i"))
+    logprobs: array = field(default_factory=lambda: array("f"))
     ends: ipc.Ends = field(default_factory=list)
     streams: dict[int, RemoteStream] = field(default_factory=dict)  # under ``lock``
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -121,7 +123,7 @@ class RemoteOutbox:
             if not buffer.rids and not buffer.ends:
                 continue
             rids, ids, logprobs, ends = buffer.rids, buffer.ids, buffer.logprobs, buffer.ends
-            buffer.rids, buffer.ids, buffer.logprobs, buffer.ends = [], [], [], []
+            buffer.rids, buffer.ids, buffer.logprobs, buffer.ends = array("q"), array("i"), array("f"), []
             if ends:
                 with buffer.lock:
                     for rid, _, _ in ends:
@@ -132,7 +134,11 @@ class RemoteOutbox:
                 self._socket = self._context.socket(zmq.PUSH)
                 self._socket.connect(OUT_ENDPOINT)
             frames = ipc.encode_out(
-                np.array(rids, np.int64), np.array(ids, np.int32), np.array(logprobs, np.float32), ends, load
+                np.frombuffer(rids, np.int64),
+                np.frombuffer(ids, np.int32),
+                np.frombuffer(logprobs, np.float32),
+                ends,
+                load,
             )
             self._socket.send_multipart([buffer.name, *frames], copy=False)
 
