@@ -53,7 +53,7 @@ class UntrustedConfig:
         return [a for f in fields(self) for a in ("--" + f.name.replace("_", "-"), str(getattr(self, f.name)))]
 
 
-QUICK = UntrustedConfig(stream_tokens=256, settle=0.3, window=1.0, timeout=60.0)
+QUICK = UntrustedConfig(stream_tokens=4096, settle=0.3, window=1.0, timeout=60.0)
 
 
 def largest_gap_ms(records: Sequence[StreamRecord], start: float, end: float) -> float | None:
