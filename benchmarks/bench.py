@@ -31,6 +31,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from benchmarks.burst import PHASES as BURST_PHASES
+from benchmarks.burst import QUICK as QUICK_BURST
+from benchmarks.burst import BurstConfig, run_bursts
 from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
 from benchmarks.floor_server import FloorProcess, FloorSpec
 from benchmarks.interference import InterferenceConfig, measure_interference
@@ -83,9 +86,11 @@ class BenchConfig:
     e2e: E2EConfig = field(default_factory=E2EConfig)
     interference: InterferenceConfig = field(default_factory=InterferenceConfig)
     untrusted: UntrustedConfig = field(default_factory=UntrustedConfig)
+    burst: BurstConfig = field(default_factory=BurstConfig)
     run_e2e: bool = True
     run_interference: bool = True
     run_untrusted: bool = True
+    run_burst: bool = True
     run_floor: bool = True
     profile: bool = False  # py-spy the batched server during one extra run at reference_streams
     overlap_startup: bool = False  # --quick: start both servers at once (saves a start-up; not for real figures)
@@ -305,6 +310,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "e2e": asdict(config.e2e),
             "interference": asdict(config.interference),
             "untrusted_prompts": asdict(config.untrusted),
+            "burst": asdict(config.burst),
             "reference_streams": config.reference_streams,
             "capacity_streams": config.capacity_streams,
         },
@@ -345,6 +351,11 @@ def run(config: BenchConfig) -> dict[str, Any]:
         finally:
             for _, server, _ in servers:
                 server.__exit__()
+    if config.run_e2e and config.run_burst:
+        print(f"burst: {config.burst.streams:,} streams opened at once ...", flush=True)
+        e2e = config.e2e  # the e2e servers' K and budget
+        flags = ("--steps-per-call", str(e2e.server_steps_per_call), "--call-budget-ms", f"{e2e.server_call_budget_ms}")
+        results["burst"] = run_bursts(models_dir, "bench", config.burst, os.path.join(config.out, "logs"), flags)
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -394,6 +405,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--no-e2e", action="store_true", help="engine-only figures (no server)")
     parser.add_argument("--no-interference", action="store_true")
     parser.add_argument("--no-untrusted", action="store_true", help="skip the untrusted-prompt scenario")
+    parser.add_argument("--no-burst", action="store_true", help="skip the burst of streams opened at once")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare gRPC server's levels")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
     parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
@@ -402,6 +414,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
     untrusted = UntrustedConfig()
+    burst = BurstConfig()
     reference, capacity = 64, 1000
     if args.quick:
         model = ModelSpec(units=16, embedding_dim=16, corpus_chars=20_000)
@@ -416,7 +429,7 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
             steps_per_call=(4,),
             variant_repeats=1,
         )
-        e2e, inter, untrusted = QUICK_E2E, QUICK_INTERFERENCE, QUICK_UNTRUSTED
+        e2e, inter, untrusted, burst = QUICK_E2E, QUICK_INTERFERENCE, QUICK_UNTRUSTED, QUICK_BURST
         reference, capacity = 4, 4
     for name in ("units", "layers"):
         value = getattr(args, name)
@@ -454,9 +467,11 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         e2e=e2e,
         interference=inter,
         untrusted=untrusted,
+        burst=burst,
         run_e2e=not args.no_e2e,
         run_interference=not args.no_interference,
         run_untrusted=not args.no_untrusted,
+        run_burst=not args.no_burst,
         run_floor=not args.no_floor,
         profile=args.profile,
         overlap_startup=args.quick,
@@ -478,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("wrote " + ", ".join(paths.values()))
     failed = [k for k, v in results.get("e2e", {}).items() if v.get("error")]
     failed += [k for k in ("interference", "untrusted_prompts") if results.get(k, {}).get("error")]
+    failed += [f"burst {p}" for p in BURST_PHASES if results.get("burst", {}).get(p, {}).get("error")]
     if failed:
         print(f"could not measure: {', '.join(failed)} (see {os.path.join(config.out, 'logs')})", file=sys.stderr)
         return 1

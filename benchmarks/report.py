@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.burst import markdown_lines as burst_lines
+
 RESULTS_JSON = "results.json"
 TABLE_MD = "table.md"
 THROUGHPUT_PNG = "throughput.png"
@@ -315,6 +317,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += _untrusted_lines(results.get("untrusted_prompts", {}))
+    lines += burst_lines(results.get("burst", {}))
     prof = results.get("profile", {})
     if prof.get("error"):
         lines += ["### Server profile", "", f"Not measured: {prof['error']}", ""]

@@ -62,6 +62,7 @@ class ServerConfig:
     cors_allow_origin: str | None = None
     max_concurrent: int = 256
     max_queue: int = 1024
+    max_pending_calls: int = 16384
     max_batch_size: int = 256
     max_tokens_limit: int = 4096
     default_max_tokens: int = 256
@@ -133,6 +134,7 @@ def _problems(c: ServerConfig) -> list[str]:
         need(0 <= value <= 65535, name, value, "in [0, 65535] (0 picks a free port)")
     for name in (
         "max_concurrent",
+        "max_pending_calls",
         "max_batch_size",
         "max_tokens_limit",
         "default_max_tokens",
@@ -148,7 +150,14 @@ def _problems(c: ServerConfig) -> list[str]:
     for name in ("max_tokens_limit", "default_max_tokens"):
         value = getattr(c, name)
         need(value <= _UINT32_MAX, name, value, f"<= {_UINT32_MAX} (the API's uint32 max_tokens)")
-    for name in ("max_concurrent", "max_queue", "max_batch_size", "max_receive_message_bytes", "steps_per_call"):
+    for name in (
+        "max_concurrent",
+        "max_queue",
+        "max_pending_calls",
+        "max_batch_size",
+        "max_receive_message_bytes",
+        "steps_per_call",
+    ):
         value = getattr(c, name)
         need(value <= _INT32_MAX, name, value, f"<= {_INT32_MAX} (gRPC and TensorFlow take it as an int32)")
     need(c.intra_op_threads <= 4096, "intra_op_threads", c.intra_op_threads, "<= 4096")
@@ -218,6 +227,8 @@ _HELP = {
     "(default: none)",
     "max_concurrent": "active sequences at most (all models)",
     "max_queue": "requests accepted but waiting at most; beyond that RESOURCE_EXHAUSTED",
+    "max_pending_calls": "gRPC calls arrived but not yet picked up by the server, at most (per process); gRPC "
+    "cancels a call beyond them, or held longer than --request-timeout, unseen: CANCELLED, in no metric",
     "max_batch_size": "sequences advanced in one engine step (1 = no batching)",
     "max_tokens_limit": "largest max_tokens a request may ask for",
     "default_max_tokens": "max_tokens used when a request leaves it 0",

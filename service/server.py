@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import ssl
@@ -78,9 +79,18 @@ class FrontendRole:
 
 def grpc_options(config: ServerConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
     """Channel arguments of the server; ``reuse_port`` only for frontend processes that share the port."""
+    # gRPC holds the calls the servicer has not picked up yet, and cancels one past a count or a
+    # time (CANCELLED before any handler runs, so no metric counts it): by default 1000 calls with
+    # random drops up to 3000, and 30 s, which cut most of a burst of 10,000 streams. Within
+    # --max-pending-calls (one limit: no random drops) and --request-timeout every call reaches
+    # the servicer, which refuses RESOURCE_EXHAUSTED and counts past --max-queue.
+    held_seconds = math.ceil(config.request_timeout) if config.request_timeout > 0 else 2**31 - 1
     options = [
         ("grpc.so_reuseport", int(reuse_port)),  # otherwise two servers must never share a port by accident
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.server.max_pending_requests", config.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", config.max_pending_calls),
+        ("grpc.server_max_unrequested_time_in_server", held_seconds),
     ]
     if config.max_connection_age > 0:
         # Clients reconnect now and then, so a k8s Service spreads them over new replicas.

@@ -76,6 +76,7 @@ def test_every_field_has_a_flag_and_an_environment_variable() -> None:
     [
         (["--port", "70000"], {}, "--port"),
         (["--max-concurrent", "0"], {}, "--max-concurrent"),
+        (["--max-pending-calls", "0"], {}, "--max-pending-calls must be >= 1"),
         (["--default-max-tokens", "50", "--max-tokens-limit", "10"], {}, "--default-max-tokens"),
         (["--grace-seconds", "nan"], {}, "--grace-seconds"),
         ([], {"TEXTGEN_MAX_QUEUE": "lots"}, "TEXTGEN_MAX_QUEUE"),
