@@ -17,11 +17,11 @@ frontend's event loop and owns one ZeroMQ DEALER socket (``service/ipc.py``):
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zmq
@@ -31,13 +31,23 @@ from zmq.utils.monitor import recv_monitor_message
 from service import ipc
 from service.catalog import ModelCatalog, RemoteModel
 from service.errors import EngineClosedError
-from service.metrics import ServingMetrics
+from service.metrics import ServingMetrics, observe_weighted
 from service.sampling import SamplingParams, StoppingCriteria
 from service.stream import FinishReason, Stream
 
 log = logging.getLogger(__name__)
 
 ENGINE_GONE = "the engine process exited; retry on another replica"
+
+
+@dataclass(eq=False)
+class _Observed:
+    """One message's latencies of one model, written to its histograms together."""
+
+    first: list[float] = field(default_factory=list)  # times to first token
+    gaps: list[float] = field(default_factory=list)  # inter-token latencies ...
+    weights: list[int] = field(default_factory=list)  # ... and how many tokens each is the latency of
+    tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -81,6 +91,8 @@ class EngineClient:
         self._flush_scheduled = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_output = 0.0  # time.monotonic() of the engine's previous output message
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     # ------------------------------------------------------------ the Submitter side
     @property
@@ -215,43 +227,81 @@ class EngineClient:
     def _output(
         self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, ends: ipc.Ends, load: tuple[int, int]
     ) -> None:
-        """One model call's tokens for this frontend's rows, then the rows the engine ended."""
+        """One model call's tokens for this frontend's rows, then the rows the engine ended.
+
+        The call's tokens come step by step (every row's first, then every row's second, ...); they
+        are taken row by row, in order: the row's pieces, its stop matching and one ``push_many``.
+        The latencies of the whole message are written once per histogram (``observe_weighted``).
+        """
         self.engine_load = load
         now = time.monotonic()
-        touched: dict[int, _Live] = {}
-        rid_list = rids.tolist()
-        counts = collections.Counter(rid_list)
-        metrics = self.metrics
-        delivered: collections.Counter[str] = collections.Counter()
-        for rid, token_id, logprob in zip(rid_list, ids.tolist(), logprobs.tolist(), strict=True):
-            live = self._live.get(rid)
-            if live is None:
-                continue  # ended here already (a stop matched, the client cancelled)
-            piece = live.model.tokenizer.piece(live.last_id, token_id)
-            live.last_id = token_id
-            emit, finish = live.criteria(piece)
-            live.stream.push(token_id, piece, emit, logprob, finish, now)
-            if metrics is not None:
+        previous, self._last_output = self._last_output, now
+        observed: dict[str, _Observed] = {}
+        if len(rids):
+            order = np.argsort(rids, kind="stable")  # each row's tokens together, in their order
+            sorted_rids = rids[order]
+            starts = np.flatnonzero(np.concatenate(([True], sorted_rids[1:] != sorted_rids[:-1])))
+            bounds = [*starts.tolist(), len(sorted_rids)]
+            id_list = ids[order].tolist()
+            logprob_list = logprobs[order].tolist()
+            for n, rid in enumerate(sorted_rids[starts].tolist()):
+                live = self._live.get(rid)
+                if live is None:
+                    continue  # ended here already (a stop matched, the client cancelled)
+                begin, end = bounds[n], bounds[n + 1]
+                row_ids = id_list[begin:end]
+                piece = live.model.tokenizer.piece
+                last = live.last_id
+                pieces = []
+                for token_id in row_ids:
+                    pieces.append(piece(last, token_id))
+                    last = token_id
+                emit, taken, finish = live.criteria.feed(pieces)
+                if taken < len(row_ids):
+                    del row_ids[taken:], pieces[taken:]
+                live.last_id = row_ids[-1]
+                stream = live.stream
+                stream.push_many(row_ids, pieces, emit, logprob_list[begin : begin + taken], finish, now)
+                seen = observed.get(live.model.name)
+                if seen is None:
+                    seen = observed[live.model.name] = _Observed()
+                seen.tokens += taken
+                count = end - begin  # the row's tokens of this call arrive together: each gets an equal share
                 if live.last_token_time is None:
-                    metrics.time_to_first_token.labels(model=live.model.name).observe(now - live.stream.submitted_at)
+                    seen.first.append(now - stream.submitted_at)
+                    if taken > 1:  # the others: shares of the call, which began about when the previous one ended
+                        seen.gaps.append((now - max(previous, stream.submitted_at)) / count)
+                        seen.weights.append(taken - 1)
                 else:
-                    # A row's tokens of one call arrive together: each gets an equal share of the gap.
-                    share = (now - live.last_token_time) / counts[rid]
-                    metrics.inter_token_latency.labels(model=live.model.name).observe(share)
-            touched[rid] = live
-            delivered[live.model.name] += 1
-            if finish is not None:
-                self._end(live, finish, None, cancel=finish is FinishReason.STOP, ended=True)
-        for live in touched.values():
-            live.last_token_time = now
-            live.stream.wake()
-        if metrics is not None:
-            for name, n in delivered.items():
-                metrics.generated_tokens.labels(model=name).inc(n)
+                    seen.gaps.append((now - live.last_token_time) / count)
+                    seen.weights.append(taken)
+                live.last_token_time = now
+                if finish is not None:
+                    self._end(live, finish, None, cancel=finish is FinishReason.STOP, ended=True)
+                stream.wake()
+        if self.metrics is not None:
+            for name, seen in observed.items():
+                ttft, itl, generated = self._model_metrics(name)
+                observe_weighted(ttft, seen.first, [1] * len(seen.first))
+                observe_weighted(itl, seen.gaps, seen.weights)
+                generated.inc(seen.tokens)
         for rid, reason, error in ends:
             live = self._live.get(rid)
             if live is not None:
                 self._end(live, FinishReason(reason), error)
+
+    def _model_metrics(self, name: str) -> tuple[Any, Any, Any]:
+        """The time-to-first-token, inter-token-latency and generated-tokens children of a model (labels() once)."""
+        children = self._children.get(name)
+        if children is None:
+            assert self.metrics is not None
+            m = self.metrics
+            children = self._children[name] = (
+                m.time_to_first_token.labels(model=name),
+                m.inter_token_latency.labels(model=name),
+                m.generated_tokens.labels(model=name),
+            )
+        return children
 
     def _end(
         self, live: _Live, reason: FinishReason, error: str | None, cancel: bool = False, ended: bool = False

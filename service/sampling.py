@@ -96,5 +96,26 @@ class StoppingCriteria:
             return emit + self.matcher.flush(), FinishReason.LENGTH
         return emit, None
 
+    def feed(self, pieces: Sequence[str]) -> tuple[str, int, FinishReason | None]:
+        """``__call__`` for several tokens in order: ``(emit, taken, finish_reason)``.
+
+        ``emit`` is what the calls would have emitted, joined; ``taken`` how many of ``pieces`` were
+        consumed: all of them, or up to the one that finished the request (the rest are dropped).
+        Without stop sequences nothing is held back, so the pieces are simply joined.
+        """
+        if not self.matcher.stops:
+            room = self.max_tokens - self.tokens
+            if len(pieces) >= room:
+                pieces = pieces[: max(room, 1)]
+            self.tokens += len(pieces)
+            return "".join(pieces), len(pieces), FinishReason.LENGTH if self.tokens >= self.max_tokens else None
+        emitted = []
+        for taken, piece in enumerate(pieces, 1):
+            emit, finish = self(piece)
+            emitted.append(emit)
+            if finish is not None:
+                return "".join(emitted), taken, finish
+        return "".join(emitted), len(pieces), None
+
     def flush(self) -> str:
         return self.matcher.flush()

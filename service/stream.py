@@ -187,6 +187,29 @@ class Stream:
             if finish is not None:
                 self._finish = finish
 
+    def push_many(
+        self,
+        token_ids: list[int],
+        pieces: list[str],
+        emit: str,
+        logprobs: list[float],
+        finish: FinishReason | None,
+        now: float,
+    ) -> None:
+        """``push`` for several tokens: ``emit`` is what they may send, joined; ``finish`` comes after the last."""
+        with self._lock:
+            if emit:
+                self._text.append(emit)
+            if self._include_tokens:
+                self._ids.extend(token_ids)
+                self._token_texts.extend(pieces)
+                self._logprobs.extend(logprobs)
+            self._completion_tokens += len(token_ids)
+            if self._ttft is None:
+                self._ttft = now - self.submitted_at
+            if finish is not None:
+                self._finish = finish
+
     def end(self, finish: FinishReason, emit: str = "", error: str | None = None) -> bool:
         """Finish without a new token; False if it had already finished."""
         with self._lock:

@@ -160,12 +160,17 @@ def test_the_same_seed_gives_the_same_text_as_one_process(start_process: Callabl
     two = start_process("--frontends", "2")
     one.wait_serving()
     two.wait_serving()
-    request = {"max_tokens": 60, "seed": 7, "temperature": 0.9, "top_p": 0.9, "stop": ["e t"]}
-    with one.client() as a, two.client() as b:
-        first = a.complete("To be", **request)
-        second = b.complete("To be", **request)
-    assert first.text == second.text
-    assert first.finish_reason == second.finish_reason
+    # With and without a stop sequence; each message of the engine carries several tokens of a row.
+    for stop in (["e t"], []):
+        request = {"max_tokens": 60, "seed": 7, "temperature": 0.9, "top_p": 0.9, "stop": stop, "include_tokens": True}
+        with one.client() as a, two.client() as b:
+            first = a.complete("To be", **request)
+            second = b.complete("To be", **request)
+        assert first.text == second.text
+        assert first.finish_reason == second.finish_reason
+        assert [(t.id, t.text) for t in first.tokens] == [(t.id, t.text) for t in second.tokens]
+        assert [t.logprob for t in first.tokens] == pytest.approx([t.logprob for t in second.tokens], abs=1e-5)
+        assert first.usage.completion_tokens == second.usage.completion_tokens == len(second.tokens)
 
 
 def test_sigterm_drains_streams_on_both_frontends(start_process: Callable[..., ServerProcess]) -> None:

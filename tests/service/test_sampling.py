@@ -217,6 +217,31 @@ def test_stopping_criteria_like_tgi():
     assert criteria("y") == ("xy", "length")  # held-back text is released at the end
 
 
+@pytest.mark.parametrize("stops", [(), ("/test;",), ("xyz", "a b")])
+@pytest.mark.parametrize("size", [1, 3, 8])
+def test_feeding_several_pieces_equals_one_call_per_piece(stops, size):
+    pieces = ["a", " ", "b", "/te", "st;", "x", "y", "z", "c", "d", "e", "f", "g"]
+    for max_tokens in (1, 4, 7, 13, 40):
+        one = StoppingCriteria(max_tokens, stops)
+        expected, finish = [], None
+        for piece in pieces:
+            emit, finish = one(piece)
+            expected.append(emit)
+            if finish is not None:
+                break
+        many = StoppingCriteria(max_tokens, stops)
+        got, taken, last = [], 0, None
+        for at in range(0, len(pieces), size):
+            emit, n, last = many.feed(pieces[at : at + size])
+            got.append(emit)
+            taken += n
+            assert n == len(pieces[at : at + size]) or last is not None
+            if last is not None:
+                break
+        assert ("".join(got), taken, last) == ("".join(expected), len(expected), finish), (stops, size, max_tokens)
+        assert many.flush() == one.flush()
+
+
 def test_hundreds_of_stop_sequences():
     stops = [f"stop{i:03d}" for i in range(500)]
     m = StopSequenceMatcher(stops)
