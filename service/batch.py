@@ -261,6 +261,16 @@ class Batch:
         self.prompt_left -= left
         self.tokens_t = None  # self.tokens holds each row's next token
 
+    def record_steps(self, ids: np.ndarray, first: np.ndarray, take: np.ndarray) -> None:
+        """After a K-step call: each row that took ``take[i] > 0`` tokens from step ``first[i]`` on feeds its last next.
+
+        What ``record_sampled`` for each step's rows in turn gives, at once: ``ids`` is ``(k, rows)``.
+        """
+        took = np.flatnonzero(take)
+        if len(took):
+            self.tokens[took] = ids[first[took] + take[took] - 1, took]
+            self.position[took] += take[took]
+
     def record_sampled(self, ids: np.ndarray, which: np.ndarray | None) -> None:
         """Sampled ids become the next tokens fed: for every row (``which`` None) or rows ``which``."""
         if which is None:

@@ -366,6 +366,11 @@ class Engine:
         ids = ids_t.numpy()  # (k, rows)
         logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(ids.shape, np.float32)
         self._record_call(batch, k, len(batch), time.perf_counter() - started)
+        if self.outbox is not None:
+            take = self._deliver_remote(batch, ids, logprobs, left.astype(np.int64), np.maximum(k - left, 0))
+            batch.record_steps(ids, left, take)
+            batch.advance_prompts(forced, left)
+            return
         # Inter-token latency: a row's tokens of this call arrive together, so each is given an
         # equal share of the time since its previous token (since the call began for a row with
         # none yet), as a client that divides a message's gap by its tokens sees it.
@@ -432,8 +437,14 @@ class Engine:
         ``latencies`` (per row, seconds) replaces the time since a row's previous token as its
         inter-token latency (K-step calls, whose tokens arrive together).
         """
-        now = time.monotonic()
         rows = batch.rows
+        if self.outbox is not None:
+            count = np.zeros(len(rows), np.int64)
+            count[slice(None) if which is None else which] = 1
+            self._deliver_remote(batch, ids[None, :], logprobs[None, :], np.zeros(len(rows), np.int64), count)
+            batch.record_sampled(ids, which)
+            return
+        now = time.monotonic()
         tokenizer = batch.model.tokenizer
         mm = self._mm(batch.model.name) if self.metrics is not None else None
         indices = range(len(rows)) if which is None else which.tolist()
@@ -441,34 +452,64 @@ class Engine:
         logprobs_list = logprobs.tolist()
         wake = self._wake
         delivered = 0
-        remote = self.outbox is not None
         for i in indices:
             row = rows[i]
             token_id = ids_list[i]
             stream = row.request.stream
-            if remote:  # the frontend detokenizes, matches stops and times tokens
-                emit, finish = row.criteria("")
-                stream.push(token_id, "", "", logprobs_list[i], finish, now)
-            else:
-                piece = tokenizer.piece(row.last_id, token_id)
-                row.last_id = token_id
-                emit, finish = row.criteria(piece)
-                stream.push(token_id, piece, emit, logprobs_list[i], finish, now)
-                if mm is not None:
-                    if row.last_token_time is None:
-                        mm.time_to_first_token.observe(now - row.request.submitted_at)
-                    else:
-                        mm.inter_token_latency.observe(now - row.last_token_time if latencies is None else latencies[i])
-                if stream.loop is not None:
-                    wake.setdefault(stream.loop, []).append(stream)
+            piece = tokenizer.piece(row.last_id, token_id)
+            row.last_id = token_id
+            emit, finish = row.criteria(piece)
+            stream.push(token_id, piece, emit, logprobs_list[i], finish, now)
+            if mm is not None:
+                if row.last_token_time is None:
+                    mm.time_to_first_token.observe(now - row.request.submitted_at)
+                else:
+                    mm.inter_token_latency.observe(now - row.last_token_time if latencies is None else latencies[i])
+            if stream.loop is not None:
+                wake.setdefault(stream.loop, []).append(stream)
             row.last_token_time = now
             delivered += 1
             if finish is not None:
                 self._row_finished(row)
         batch.record_sampled(ids, which)
         self.tokens += delivered
-        if mm is not None and delivered and not remote:  # the frontends count what they deliver
+        if mm is not None and delivered:
             mm.generated_tokens.inc(delivered)
+
+    def _deliver_remote(
+        self, batch: Batch, ids: np.ndarray, logprobs: np.ndarray, first: np.ndarray, count: np.ndarray
+    ) -> np.ndarray:
+        """In the engine process: the call's tokens to the outbox in one hand-off; returns what each row took.
+
+        ``ids`` and ``logprobs`` are ``(steps, rows)``; row ``i`` generated steps ``first[i]`` to
+        ``first[i] + count[i] - 1``. The frontends detokenize, match stops and time tokens, so a
+        row here only counts its tokens up to ``max_tokens`` (``StoppingCriteria.feed``), per row,
+        not per token; the tokens go in step order, each row's in its order.
+        """
+        assert self.outbox is not None
+        now = time.monotonic()
+        rows = batch.rows
+        take = np.zeros(len(rows), np.int64)
+        finished = []
+        for i in np.flatnonzero(count).tolist():
+            row = rows[i]
+            if row.done:
+                continue
+            _, taken, finish = row.criteria.feed(("",) * int(count[i]))
+            take[i] = taken
+            row.last_token_time = now
+            if finish is not None:
+                finished.append((row, finish))
+        steps, which = np.nonzero(
+            (np.arange(ids.shape[0])[:, None] >= first) & (np.arange(ids.shape[0])[:, None] < first + take)
+        )
+        if len(which):
+            self.outbox.push([row.request.stream for row in rows], which, ids[steps, which], logprobs[steps, which])
+            self.tokens += len(which)
+        for row, finish in finished:
+            row.request.stream.end(finish)
+            self._row_finished(row)
+        return take
 
     # ------------------------------------------------------------ finishing
     def _row_finished(self, row: Row) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zmq
@@ -31,7 +31,7 @@ from service.errors import CapacityError, EngineClosedError, ModelNotFoundError,
 from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
 from service.sampling import SamplingParams
-from service.stream import FinishReason
+from service.stream import EngineStream, FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ class FrontendBuffer:
     streams: dict[int, RemoteStream] = field(default_factory=dict)  # under ``lock``
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False
+
+    def extend(self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """Tokens in bulk (``RemoteOutbox.push``): what ``RemoteStream.push`` appends one by one."""
+        self.rids.frombytes(rids.astype(np.int64, copy=False).tobytes())
+        self.ids.frombytes(ids.astype(np.int32, copy=False).tobytes())
+        self.logprobs.frombytes(logprobs.astype(np.float32, copy=False).tobytes())
 
 
 class RemoteStream:
@@ -115,6 +121,20 @@ class RemoteOutbox:
         if buffer is not None:
             buffer.gone = True
         return buffer
+
+    def push(self, streams: list[EngineStream], rows: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """One call's tokens (engine thread): token ``t`` is for ``streams[rows[t]]``, a ``RemoteStream``."""
+        owners: dict[FrontendBuffer, int] = {}
+        remote = cast(list[RemoteStream], streams)
+        owner = np.fromiter((owners.setdefault(s.buffer, len(owners)) for s in remote), np.int64, len(remote))
+        rids = np.fromiter((s.rid for s in remote), np.int64, len(remote))[rows]
+        if len(owners) == 1:
+            next(iter(owners)).extend(rids, ids, logprobs)
+            return
+        token_owner = owner[rows]
+        for buffer, n in owners.items():
+            mine = token_owner == n
+            buffer.extend(rids[mine], ids[mine], logprobs[mine])
 
     def flush(self, load: tuple[int, int]) -> None:
         with self._lock:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 
 class FinishReason(str, enum.Enum):
     """Why a stream ended. ``LENGTH`` and ``STOP`` are normal ends; the others end the request with a status.
@@ -80,6 +82,10 @@ class EngineStream(Protocol):
 
 class Outbox(Protocol):
     """Where the engine process's output goes: ``flush`` sends each frontend what its rows got since the last."""
+
+    def push(self, streams: list[EngineStream], rows: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """One call's tokens at once: token ``t`` (``ids[t]``, ``logprobs[t]``) is for ``streams[rows[t]]``."""
+        ...
 
     def flush(self, load: tuple[int, int]) -> None: ...
 
