@@ -38,7 +38,7 @@ import tensorflow as tf
 from service.batch import Batch, CallBudget, Request, Row
 from service.config import EngineConfig
 from service.errors import CapacityError, EngineClosedError
-from service.metrics import ServingMetrics
+from service.metrics import ServingMetrics, observe_weighted
 from service.model_repository import LoadedModel
 from service.sampling import SamplingParams
 from service.stream import EngineStream, FinishReason, LoopWaker, Outbox, Stream, WakerThread
@@ -420,9 +420,8 @@ class Engine:
             batch.budget.record(rows, elapsed / k)
         if self.metrics is not None:
             mm = self._mm(batch.model.name)
-            for _ in range(k):
-                mm.step_duration.observe(elapsed / k)
-                mm.batch_size.observe(rows)
+            observe_weighted(mm.step_duration, [elapsed / k], [k])  # k steps of equal length, of ``rows`` rows
+            observe_weighted(mm.batch_size, [rows], [k])
 
     def _deliver(
         self,

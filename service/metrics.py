@@ -12,6 +12,7 @@ requests up to minutes.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,6 +126,18 @@ class ServingMetrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def request_children(self, model: str, code: str, protocol: str) -> tuple[Any, Any]:
+        """The ``requests_total`` and ``request_duration`` children of one outcome, ``labels()`` resolved once."""
+        key = (model, code, protocol)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests_total.labels(model=model, code=code, protocol=protocol),
+                self.request_duration.labels(model=model, protocol=protocol),
+            )
+        return children
 
 
 def observe_weighted(child: Any, values: Sequence[float], weights: Sequence[int]) -> None:
@@ -144,6 +157,13 @@ def observe_weighted(child: Any, values: Sequence[float], weights: Sequence[int]
         for value, weight in zip(values, weights, strict=True):
             for _ in range(int(weight)):
                 child.observe(value)
+        return
+    if len(values) == 1:  # a bisection beats NumPy's call overhead for one value
+        value, weight = float(values[0]), int(weights[0])
+        at = bisect.bisect_left(bounds, value)
+        if at < len(buckets) and value == value:  # a NaN falls in no bucket, as with observe
+            buckets[at].inc(weight)
+        total.inc(value * weight)
         return
     v = np.asarray(values, dtype=np.float64)
     w = np.asarray(weights, dtype=np.int64)

@@ -230,8 +230,9 @@ class Outcome:
 def record(metrics: ServingMetrics, outcome: Outcome, started: float, logger: logging.Logger) -> None:
     """Counts a finished request (``textgen_requests_total``, its duration) and writes its line to ``logger``."""
     elapsed = time.monotonic() - started
-    metrics.requests_total.labels(model=outcome.model, code=outcome.code.name, protocol=outcome.protocol).inc()
-    metrics.request_duration.labels(model=outcome.model, protocol=outcome.protocol).observe(elapsed)
+    total, duration = metrics.request_children(outcome.model, outcome.code.name, outcome.protocol)
+    total.inc()
+    duration.observe(elapsed)
     logger.info(
         "request %s model=%s code=%s finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f protocol=%s",
         outcome.request_id,

@@ -39,6 +39,19 @@ def test_weighted_observations_equal_repeated_observe() -> None:
         assert math.isclose(got[key], value, rel_tol=1e-12), key
 
 
+def test_one_value_at_a_time_equals_repeated_observe() -> None:
+    values = [0.0, 0.00005, 0.00007, 0.001, 2.5, 3.0, 0.3]
+    one_by_one, h1 = _histogram()
+    batched, h2 = _histogram()
+    for n, value in enumerate(values, 1):
+        for _ in range(n):
+            h1.labels(model="m").observe(value)
+        observe_weighted(h2.labels(model="m"), [value], [n])
+    expected, got = _samples(one_by_one), _samples(batched)
+    for key, value in expected.items():
+        assert math.isclose(got[key], value, rel_tol=1e-12), key
+
+
 def test_nothing_to_observe_writes_nothing() -> None:
     registry, h = _histogram()
     observe_weighted(h.labels(model="m"), [], [])
