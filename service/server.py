@@ -99,6 +99,30 @@ def grpc_options(config: ServerConfig, reuse_port: bool = False) -> list[tuple[s
     return options
 
 
+def read_security_files(
+    config: ServerConfig,
+) -> tuple[grpc.ServerCredentials | None, TokenStore | None, ssl.SSLContext | None]:
+    """The TLS credentials, bearer tokens and HTTP TLS context the flags name; a bad file is an ``OSError``
+    saying which flag and why (a clean start-up error, before anything binds)."""
+    try:
+        credentials = (
+            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert and config.tls_key
+            else None
+        )
+        tokens = TokenStore(config.auth_token_file) if config.auth_token_file else None
+        ssl_context = (
+            http_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert and config.tls_key and config.http_port >= 0
+            else None
+        )
+    except (TLSConfigError, TokenFileError) as exc:
+        raise OSError(str(exc)) from exc
+    except ssl.SSLError as exc:
+        raise OSError(f"--tls-cert/--tls-key cannot be used for the HTTP port: {exc}") from exc
+    return credentials, tokens, ssl_context
+
+
 class Server:
     """One serving process's worth of parts; start it in a running event loop.
 
@@ -163,26 +187,10 @@ class Server:
         for service in HEALTH_SERVICES:
             await self.health.set(service, NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, SERVING)
-        try:
-            # Read before anything binds: a bad file is a clean startup error.
-            credentials = (
-                server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-                if config.tls_cert and config.tls_key
-                else None
-            )
-            tokens = TokenStore(config.auth_token_file) if config.auth_token_file else None
-            interceptors = (
-                [TokenAuthInterceptor(tokens, on_denied=self._count_unauthenticated)] if tokens is not None else []
-            )
-            ssl_context = (
-                http_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-                if config.tls_cert and config.tls_key and config.http_port >= 0
-                else None
-            )
-        except (TLSConfigError, TokenFileError) as exc:
-            raise OSError(str(exc)) from exc
-        except ssl.SSLError as exc:
-            raise OSError(f"--tls-cert/--tls-key cannot be used for the HTTP port: {exc}") from exc
+        credentials, tokens, ssl_context = read_security_files(config)  # before anything binds
+        interceptors = (
+            [TokenAuthInterceptor(tokens, on_denied=self._count_unauthenticated)] if tokens is not None else []
+        )
         reuse = self.role is not None
         server = grpc.aio.server(options=grpc_options(config, reuse), interceptors=interceptors)
         add_to_server(self.servicer, server)
@@ -459,6 +467,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if frontends > 0:
+        try:
+            read_security_files(config)  # each frontend reads them again; fail here, once, before any starts
+        except OSError as exc:
+            print(f"textgen serve: error: {exc}", file=sys.stderr)
+            return 1
         return Supervisor(config, frontends).run()
     threads = configure_process(config, os.environ if environ is None else environ)
     if threads is not None:

@@ -292,7 +292,7 @@ class Supervisor:
 def _child_logging(config: ServerConfig) -> None:
     logging.basicConfig(
         level=config.log_level,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        format="%(asctime)s [%(processName)s] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 

@@ -120,7 +120,7 @@ def frontend_requests(server: ServerProcess) -> dict[str, int]:
     counts: dict[str, int] = {}
     for line in server.log().splitlines():
         if "service.servicer: request " in line:
-            name = line.split()[3]
+            name = line.split()[2].strip("[]")
             counts[name] = counts.get(name, 0) + 1
     return counts
 
