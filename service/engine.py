@@ -60,21 +60,6 @@ def error_summary(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class _ModelMetrics:
-    """The engine's metric children for one model name (labels() looked up once)."""
-
-    def __init__(self, metrics: ServingMetrics, name: str) -> None:
-        self.step_duration = metrics.step_duration.labels(model=name)
-        self.batch_size = metrics.batch_size.labels(model=name)
-        self.queue_duration = metrics.queue_duration.labels(model=name)
-        self.time_to_first_token = metrics.time_to_first_token.labels(model=name)
-        self.inter_token_latency = metrics.inter_token_latency.labels(model=name)
-        self.prompt_tokens = metrics.prompt_tokens.labels(model=name)
-        self.generated_tokens = metrics.generated_tokens.labels(model=name)
-        self.active_sequences = metrics.active_sequences.labels(model=name)
-        self.waiting_requests = metrics.waiting_requests.labels(model=name)
-
-
 class Engine:
     """Continuous batching over every loaded model, in one daemon thread."""
 
@@ -103,7 +88,6 @@ class Engine:
         self._wake: dict[asyncio.AbstractEventLoop, list[EngineStream]] = {}
         self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()
         self._held: dict[asyncio.AbstractEventLoop, LoopWaker] = {}  # wake-ups not scheduled yet
-        self._model_metrics: dict[str, _ModelMetrics] = {}
         self._gauge_names: set[str] = set()
         self._turn = 0
         # Counters for tests and benchmarks (engine thread writes, anyone reads).
@@ -298,7 +282,7 @@ class Engine:
             admitted.setdefault(batch, []).append(row)
             n_admitted += 1
             if self.metrics is not None:
-                mm = self._mm(request.model.name)
+                mm = self.metrics.model(request.model.name)
                 mm.queue_duration.observe(now - request.submitted_at)
                 if request.stream.prompt_tokens:
                     mm.prompt_tokens.inc(request.stream.prompt_tokens)
@@ -419,7 +403,7 @@ class Engine:
         if timed:
             batch.budget.record(rows, elapsed / k)
         if self.metrics is not None:
-            mm = self._mm(batch.model.name)
+            mm = self.metrics.model(batch.model.name)
             observe_weighted(mm.step_duration, [elapsed / k], [k])  # k steps of equal length, of ``rows`` rows
             observe_weighted(mm.batch_size, [rows], [k])
 
@@ -445,7 +429,7 @@ class Engine:
             return
         now = time.monotonic()
         tokenizer = batch.model.tokenizer
-        mm = self._mm(batch.model.name) if self.metrics is not None else None
+        mm = self.metrics.model(batch.model.name) if self.metrics is not None else None
         indices = range(len(rows)) if which is None else which.tolist()
         ids_list = ids.tolist()
         logprobs_list = logprobs.tolist()
@@ -585,13 +569,6 @@ class Engine:
         if due and self._waker_thread is not None:
             self._waker_thread.post(due)
 
-    def _mm(self, name: str) -> _ModelMetrics:
-        mm = self._model_metrics.get(name)
-        if mm is None:
-            assert self.metrics is not None
-            mm = self._model_metrics[name] = _ModelMetrics(self.metrics, name)
-        return mm
-
     def _set_gauges(self) -> None:
         if self.metrics is None:
             return
@@ -604,7 +581,7 @@ class Engine:
                 waiting[request.model.name] += 1
         names = set(active) | set(waiting) | self._gauge_names
         for name in names:
-            mm = self._mm(name)
+            mm = self.metrics.model(name)
             mm.active_sequences.set(active[name])
             mm.waiting_requests.set(waiting[name])
         self._gauge_names = set(active) | set(waiting)

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import zmq
@@ -92,7 +91,6 @@ class EngineClient:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_output = 0.0  # time.monotonic() of the engine's previous output message
-        self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     # ------------------------------------------------------------ the Submitter side
     @property
@@ -281,7 +279,8 @@ class EngineClient:
                 stream.wake()
         if self.metrics is not None:
             for name, seen in observed.items():
-                ttft, itl, generated = self._model_metrics(name)
+                mm = self.metrics.model(name)
+                ttft, itl, generated = mm.time_to_first_token, mm.inter_token_latency, mm.generated_tokens
                 observe_weighted(ttft, seen.first, [1] * len(seen.first))
                 observe_weighted(itl, seen.gaps, seen.weights)
                 generated.inc(seen.tokens)
@@ -289,19 +288,6 @@ class EngineClient:
             live = self._live.get(rid)
             if live is not None:
                 self._end(live, FinishReason(reason), error)
-
-    def _model_metrics(self, name: str) -> tuple[Any, Any, Any]:
-        """The time-to-first-token, inter-token-latency and generated-tokens children of a model (labels() once)."""
-        children = self._children.get(name)
-        if children is None:
-            assert self.metrics is not None
-            m = self.metrics
-            children = self._children[name] = (
-                m.time_to_first_token.labels(model=name),
-                m.inter_token_latency.labels(model=name),
-                m.generated_tokens.labels(model=name),
-            )
-        return children
 
     def _end(
         self, live: _Live, reason: FinishReason, error: str | None, cancel: bool = False, ended: bool = False

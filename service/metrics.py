@@ -33,11 +33,27 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class ModelMetrics:
+    """One model's metric children, ``labels()`` looked up once: what the engine writes per call."""
+
+    def __init__(self, metrics: ServingMetrics, name: str) -> None:
+        self.step_duration = metrics.step_duration.labels(model=name)
+        self.batch_size = metrics.batch_size.labels(model=name)
+        self.queue_duration = metrics.queue_duration.labels(model=name)
+        self.time_to_first_token = metrics.time_to_first_token.labels(model=name)
+        self.inter_token_latency = metrics.inter_token_latency.labels(model=name)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model=name)
+        self.generated_tokens = metrics.generated_tokens.labels(model=name)
+        self.active_sequences = metrics.active_sequences.labels(model=name)
+        self.waiting_requests = metrics.waiting_requests.labels(model=name)
+
+
 class ServingMetrics:
     """Every metric the server exports; all labelled by ``model`` where it applies."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._models: dict[str, ModelMetrics] = {}
         r = self.registry
         self.request_duration = Histogram(
             "textgen_request_duration_seconds",
@@ -137,6 +153,13 @@ class ServingMetrics:
                 self.requests_total.labels(model=model, code=code, protocol=protocol),
                 self.request_duration.labels(model=model, protocol=protocol),
             )
+        return children
+
+    def model(self, name: str) -> ModelMetrics:
+        """The children of model ``name``, built on first use."""
+        children = self._models.get(name)
+        if children is None:
+            children = self._models[name] = ModelMetrics(self, name)
         return children
 
 
