@@ -27,7 +27,7 @@ from tensorflow.types.experimental import ConcreteFunction
 
 from training import contract
 from training.check import CheckedVersion, check_version, input_specs
-from training.sampler import SAMPLER_SIGNATURE, sample
+from training.sampler import SAMPLER_SIGNATURE, row_uniform, sample, sample_uniform
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,16 @@ def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
         # A generating row feeds back its own sample at position + (i - left); a row still
         # reading its prompt is fed its next prompt token: exactly the tokens `steps` calls
         # of _decode would give (with the engine feeding prompts), in one call.
+        # Every step's uniforms at once, before the loop: row_uniform(seed, position + generated) of
+        # each (step, row), the same values a step computes for itself, with far fewer ops per step.
+        generated = tf.cast(tf.maximum(tf.range(steps)[:, None] - left[None, :], 0), tf.int64)  # (k, b)
+        positions = position[None, :] + generated
+        seeds = tf.broadcast_to(seed[None, :], tf.shape(positions))
+        uniforms = tf.reshape(row_uniform(tf.reshape(seeds, [-1]), tf.reshape(positions, [-1])), tf.shape(positions))
+
         def body(i, tokens, state, ids_ta, logprobs_ta):  # type: ignore[no-untyped-def]
             out = step_fn(tokens=tokens, state=state)
-            generated = tf.cast(tf.maximum(i - left, 0), tf.int64)
-            ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position + generated)
+            ids, logprobs = sample_uniform(out["logits"], temperature, top_k, top_p, uniforms[i])
             fed = tf.where(i >= left, ids, tf.gather(forced, i, axis=1))
             return i + 1, fed, out["state"], ids_ta.write(i, ids), logprobs_ta.write(i, logprobs)
 

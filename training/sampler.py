@@ -116,6 +116,21 @@ def sample(
     no truncation), so it measures how likely the model found the token,
     whatever sampling parameters picked it.
     """
+    return sample_uniform(logits, temperature, top_k, top_p, row_uniform(seed, position))
+
+
+def sample_uniform(
+    logits: tf.Tensor,
+    temperature: tf.Tensor,
+    top_k: tf.Tensor,
+    top_p: tf.Tensor,
+    uniform: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``sample`` with each row's uniform given (``row_uniform(seed, position)``, float32 ``(b,)``).
+
+    A multi-step decode computes the uniforms of all its steps at once, outside its loop: the
+    hash is a third of a step's ops, and a row's uniform depends only on its seed and position.
+    """
     logits = tf.cast(logits, tf.float32)  # (b, v)
     vocab = tf.shape(logits)[1]
     # A NaN logit (a broken model) counts as impossible, in both branches below alike.
@@ -137,7 +152,7 @@ def sample(
     )
 
     cdf = tf.math.cumsum(tf.nn.softmax(scaled, axis=-1), axis=-1)  # (b, v)
-    target = row_uniform(seed, position) * cdf[:, -1]  # (b,): scaled to the total, which rounding moves off 1
+    target = uniform * cdf[:, -1]  # (b,): scaled to the total, which rounding moves off 1
     sampled = tf.reduce_sum(tf.cast(cdf < target[:, None], tf.int32), axis=-1)
     sampled = tf.minimum(sampled, vocab - 1)
     argmax = tf.argmax(logits, axis=-1, output_type=tf.int32)
