@@ -151,6 +151,10 @@ def _median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["server_rss_kb_per_stream"] = max(r["server_rss_kb_per_stream"] for r in runs)
     out["server_rss_kb_peak"] = max(r["server_rss_kb_peak"] for r in runs)
     out["server_processes"] = max((r.get("server_processes") or 0 for r in runs), default=0) or None
+    by_role = [r["cpu_us_per_token_by_role"] for r in runs if r.get("cpu_us_per_token_by_role")]
+    out["cpu_us_per_token_by_role"] = (
+        {k: statistics.median(x[k] for x in by_role) for k in by_role[0]} if by_role else None
+    )
     out["repeats"] = len(runs)
     out["tokens_per_s_all"] = [r["tokens_per_s"] for r in runs]
     return out

@@ -11,7 +11,8 @@ length when a stream ends without one). Given ``--server-pid``, it reads the
 CPU seconds of that process and all its descendants (``benchmarks.proc_cpu``)
 just before opening the first channel and just after the last stream ends,
 so the server's CPU per token and per request cover the load and nothing
-else. It writes one JSON summary.
+else, and the same split by process role (engine, frontends, other; see
+``benchmarks.proc_cpu``). It writes one JSON summary.
 
 The harness side (``ServerProcess``, ``RssSampler``, ``run_load``,
 ``measure_level``) starts ``python -m service`` on 127.0.0.1, waits for health
@@ -43,7 +44,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from benchmarks.proc_cpu import rss_kb, tree_cpu_seconds, tree_pids
+from benchmarks.proc_cpu import find_engine, rss_kb, tree_cpu_seconds, tree_cpu_seconds_by_role, tree_pids
 from benchmarks.prompts import bench_corpus, prompt
 
 LOCALHOST = "127.0.0.1"
@@ -190,6 +191,25 @@ def cpu_figures(server_cpu_seconds: float | None, tokens: int, requests: int) ->
     }
 
 
+def cpu_us_per_token_by_role(
+    before: dict[str, float] | None, after: dict[str, float] | None, tokens: int
+) -> dict[str, float] | None:
+    """Each role's CPU microseconds per completion token between two ``tree_cpu_seconds_by_role`` readings."""
+    if before is None or after is None or not tokens:
+        return None
+    return {role: 1e6 * (after[role] - before[role]) / tokens for role in after}
+
+
+def _server_cpu(root: int | None, engine: int | None) -> tuple[float | None, dict[str, float] | None]:
+    """The tree's CPU seconds and, with an engine, their split by role, from one reading so the parts add up."""
+    if root is None:
+        return None, None
+    if engine is None:
+        return tree_cpu_seconds(root), None
+    by_role = tree_cpu_seconds_by_role(root, engine)
+    return (None, None) if by_role is None else (sum(by_role.values()), by_role)
+
+
 LoadFn = Callable[[str, int, int, int, float, str], Coroutine[Any, Any, dict[str, Any]]]
 
 
@@ -208,16 +228,20 @@ def load_main(prog: str, load: LoadFn, what: str, argv: Sequence[str] | None = N
     for name in ("streams", "max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    server_before = None if args.server_pid is None else tree_cpu_seconds(args.server_pid)
+    # The engine (the process that loads TensorFlow) is found once, before the level; None for a server without it.
+    engine = None if args.server_pid is None else find_engine(args.server_pid)
+    server_before, by_role_before = _server_cpu(args.server_pid, engine)
     cpu_before, wall_before = _own_cpu_seconds(), time.perf_counter()
     summary = asyncio.run(load(args.target, args.streams, args.max_tokens, args.prompt_chars, args.timeout, args.model))
     # What the load generator took from the cores the server also runs on.
     summary["client_cpu_percent"] = 100.0 * (_own_cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
     if args.server_pid is not None:
-        server_after = tree_cpu_seconds(args.server_pid)
+        server_after, by_role_after = _server_cpu(args.server_pid, engine)
         server_cpu = None if server_before is None or server_after is None else server_after - server_before
         summary.update(cpu_figures(server_cpu, summary["tokens"], summary["requests"]))
         summary["server_processes"] = len(tree_pids(args.server_pid))
+        summary["engine_is_root"] = None if engine is None else engine == args.server_pid
+        summary["cpu_us_per_token_by_role"] = cpu_us_per_token_by_role(by_role_before, by_role_after, summary["tokens"])
     with open(args.out_json, "w", encoding="utf-8") as f:
         json.dump(summary, f)
     return 0

@@ -7,14 +7,28 @@ children that process has already reaped. A child that ended during a measuremen
 still counted, in its parent's ``cutime``, and nothing is counted twice (a process leaves the live
 set when it is reaped, which is when its time moves into the parent's). Differences of
 ``tree_cpu_seconds`` at two moments are the tree's CPU seconds in between.
+
+``tree_cpu_seconds_by_role`` splits the same sum by a process's role (``process_role``): the
+engine (the one process whose ``/proc/<pid>/maps`` lists libtensorflow, found once by
+``find_engine``), the frontends (the root's other ``multiprocessing`` spawn children, the
+resource tracker excepted) and other (the rest: the root when it is a supervisor, the tracker,
+a stderr filter). In a one-process server the root is the engine and does the frontends' work
+too. A child reaped during a measurement moves its time into its parent's role.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PROC = "/proc"
+ROLES = ("engine", "frontends", "other")
+# The argument ``multiprocessing``'s spawn start method gives every child it starts, and the
+# module that marks its resource tracker (started the same way but no worker).
+SPAWN_CHILD_ARG = "--multiprocessing-fork"
+RESOURCE_TRACKER = "resource_tracker"
+TENSORFLOW_LIBRARY = "libtensorflow"
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,49 @@ def tree_cpu_seconds(root: int) -> float | None:
     if not tree:
         return None
     return sum(s.ticks for s in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def read_cmdline(pid: int) -> list[str]:
+    """The arguments of ``pid``; [] when it is gone or a zombie."""
+    try:
+        with open(f"{PROC}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [arg.decode("utf-8", "replace") for arg in raw.split(b"\0")[:-1]]
+
+
+def loads_tensorflow(pid: int) -> bool:
+    """Whether ``pid`` has TensorFlow's shared library mapped (False when it is gone)."""
+    try:
+        with open(f"{PROC}/{pid}/maps", "rb") as f:
+            return any(TENSORFLOW_LIBRARY.encode() in line for line in f)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+
+
+def find_engine(root: int) -> int | None:
+    """The first process in ``root``'s tree (root first) that loads TensorFlow; None if none does."""
+    return next((pid for pid in tree_pids(root) if loads_tensorflow(pid)), None)
+
+
+def process_role(pid: int, ppid: int, cmdline: Sequence[str], root: int, engine: int | None) -> str:
+    """The role (one of ``ROLES``) of process ``pid`` with parent ``ppid`` in the tree of ``root``."""
+    if pid == engine:
+        return "engine"
+    spawned = SPAWN_CHILD_ARG in cmdline and not any(RESOURCE_TRACKER in arg for arg in cmdline)
+    return "frontends" if ppid == root and pid != root and spawned else "other"
+
+
+def tree_cpu_seconds_by_role(root: int, engine: int | None) -> dict[str, float] | None:
+    """``tree_cpu_seconds`` split by ``process_role``, every role present; None if ``root`` is gone."""
+    tree = _tree(root, _all_stats())
+    if not tree:
+        return None
+    ticks = dict.fromkeys(ROLES, 0)
+    for s in tree:
+        ticks[process_role(s.pid, s.ppid, read_cmdline(s.pid), root, engine)] += s.ticks
+    return {role: t / os.sysconf("SC_CLK_TCK") for role, t in ticks.items()}
 
 
 def rss_kb(pid: int) -> int | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.burst import markdown_lines as burst_lines
+from benchmarks.proc_cpu import ROLES
 
 RESULTS_JSON = "results.json"
 TABLE_MD = "table.md"
@@ -193,6 +194,13 @@ def _untrusted_lines(u: dict[str, Any]) -> list[str]:
     ]
 
 
+def _by_role(by_role: dict[str, float] | None) -> str:
+    """A level's CPU µs per token of the engine, the frontends and the rest, as "e / f / o"."""
+    if not by_role:
+        return "–"
+    return " / ".join(_f(by_role.get(role), 2) for role in ROLES)
+
+
 def _cpu_lines(batched: dict[str, Any], floor: dict[str, Any]) -> list[str]:
     """The batched server's CPU per token and per request beside the floor's, level by level."""
     lines = [
@@ -203,17 +211,18 @@ def _cpu_lines(batched: dict[str, Any], floor: dict[str, Any]) -> list[str]:
         lines += [f"The floor was not measured: {floor['error']}", ""]
     lines += [
         "| streams | tokens/stream | tokens/message | server processes | server CPU s "
-        "| CPU µs/token | CPU ms/request | floor: CPU µs/token | floor: CPU ms/request | floor: tokens/s "
-        "| server / floor, per token |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU µs/token | CPU µs/token: engine / frontends / other | CPU ms/request | floor: CPU µs/token "
+        "| floor: CPU ms/request | floor: tokens/s | server / floor, per token |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in batched.get("levels", []):
         f = _level(floor.get("levels", []), r["streams"]) or {}
         lines.append(
             f"| {r['streams']} | {r['max_tokens']} | {_f(r.get('tokens_per_message'), 2)} "
             f"| {_f(r.get('server_processes'))} | {_f(r.get('server_cpu_seconds'), 2)} "
-            f"| {_f(r.get('cpu_us_per_token'), 2)} | {_f(r.get('cpu_ms_per_request'), 3)} "
-            f"| {_f(f.get('cpu_us_per_token'), 2)} | {_f(f.get('cpu_ms_per_request'), 3)} "
+            f"| {_f(r.get('cpu_us_per_token'), 2)} | {_by_role(r.get('cpu_us_per_token_by_role'))} "
+            f"| {_f(r.get('cpu_ms_per_request'), 3)} | {_f(f.get('cpu_us_per_token'), 2)} "
+            f"| {_f(f.get('cpu_ms_per_request'), 3)} "
             f"| {_f(f.get('tokens_per_s'))} | {_f(_ratio(r.get('cpu_us_per_token'), f.get('cpu_us_per_token')), 2)} |"
         )
     return [*lines, ""]

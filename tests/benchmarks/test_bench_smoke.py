@@ -21,6 +21,7 @@ from benchmarks.bench import parse_config
 from benchmarks.e2e_bench import StreamRecord, percentile, summarize, summarize_profile
 from benchmarks.floor_server import message_sizes
 from benchmarks.interference import itl_in_window
+from benchmarks.proc_cpu import ROLES
 from benchmarks.report import targets
 from benchmarks.untrusted_prompts import largest_gap_ms
 
@@ -199,6 +200,13 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
             assert cpu is not None and cpu >= 0
             assert level["cpu_us_per_token"] == pytest.approx(1e6 * cpu / level["tokens"])
             assert level["cpu_ms_per_request"] == pytest.approx(1e3 * cpu / level["requests"])
+            # Split by role when a process loads TensorFlow (not the floor); one reading, so the parts add up.
+            by_role = level["cpu_us_per_token_by_role"]
+            if key == "floor":
+                assert by_role is None
+            else:
+                assert tuple(by_role) == ROLES and all(v >= 0 for v in by_role.values())
+                assert sum(by_role.values()) == pytest.approx(level["cpu_us_per_token"])
             for field in (
                 "ttft_ms_p50",
                 "ttft_ms_p99",
@@ -237,6 +245,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     table = (out / "table.md").read_text()
     assert "### Targets" in table
     assert "### Server CPU per token and per request" in table
+    assert "| CPU µs/token: engine / frontends / other |" in table
     for png in ("throughput.png", "latency.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png
