@@ -170,7 +170,7 @@ class FloorProcess:
         return tree_rss_kb(tree_pids(self.pid))
 
     def command(self) -> list[str]:
-        k = f"{self.spec.tokens_per_message:g}"
+        k = repr(float(self.spec.tokens_per_message))  # exact: the message count rounds max_tokens / k
         return [sys.executable, "-m", "benchmarks.floor_server", "--port", "0", "--tokens-per-message", k]
 
     def __enter__(self) -> FloorProcess:
