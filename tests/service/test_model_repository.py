@@ -14,8 +14,8 @@ import pytest
 
 from service.decoder import DECODE, DECODE_STEPS, PREFILL
 from service.engine import Engine
-from service.metrics import ServingMetrics
 from service.errors import ModelNotFoundError, NoModelLoadedError
+from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
 from service.sampling import SamplingParams
 from tests.helpers import engine_config, rss_mb, wait_until

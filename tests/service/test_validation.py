@@ -9,8 +9,7 @@ import pytest
 
 from service.api import textgen_pb2
 from service.client import TextGenClient, build_request
-from service.errors import CapacityError, EngineClosedError
-from service.errors import ModelNotFoundError, NoModelLoadedError
+from service.errors import CapacityError, EngineClosedError, ModelNotFoundError, NoModelLoadedError
 from service.servicer import RequestError, RequestLimits, _status_of, validate_request
 from tests.helpers import RunningServer
 
