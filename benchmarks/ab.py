@@ -86,10 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, dict[str, list[float]]] = {
         name: {"tokens_per_s": [], "cpu_us_per_token": [], "interference_ratio": []} for name in servers
     }
-    started = []
+    started: list[TreeServer] = []
     try:
         for server in servers.values():
-            started.append(server.__enter__())
+            server.__enter__()
+            started.append(server)
             measure_level(server, 4, 8, 16, 120.0)  # warm-up
         for round_ in range(args.rounds):
             order = list(servers)
@@ -107,8 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     line += f", interference {ratio:.2f}x" if ratio is not None else ", interference -"
                 print(line, flush=True)
     finally:
-        for server in started:
-            server.__exit__()
+        for running in started:
+            running.__exit__()
     return {
         "trees": dict(args.tree),
         "units": spec.units,
