@@ -37,6 +37,15 @@ class TreeServer(ServerProcess):
         super().__init__(spec, log_path)
         self.tree = os.path.abspath(tree)
 
+    def command(self) -> list[str]:
+        argv = super().command()
+        with open(os.path.join(self.tree, "service", "config.py"), encoding="utf-8") as f:
+            has_http = "http_port" in f.read()
+        if not has_http:  # a tree from before the HTTP API
+            at = argv.index("--http-port")
+            del argv[at : at + 2]
+        return argv
+
     def launch(self) -> None:
         if self._proc is not None:
             return
