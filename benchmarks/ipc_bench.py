@@ -68,7 +68,6 @@ ROUTING_ID = b"fe-0-0"
 TIMEOUT_MS = 30_000  # a receive that waits longer means the other side is gone
 POOL = 8  # distinct messages per size, sent in turn
 FIRST_RID = 500_000  # a server that has run a while: request ids take a few bytes
-LOAD = (100, 0)
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,6 @@ if msgspec is not None:
         """The ``out`` message as one msgpack array."""
 
         ends: list[tuple[int, str, str | None]]
-        load: tuple[int, int]
         rids: list[int]
         ids: list[int]
         logprobs: list[float]
@@ -129,16 +127,16 @@ if msgspec is not None:
 def encode_numpy(out: OutLists) -> list[bytes]:
     """What ``RemoteOutbox.flush`` does: arrays of the lists, then ``ipc.encode_out``."""
     return ipc.encode_out(
-        np.array(out.rids, np.int64), np.array(out.ids, np.int32), np.array(out.logprobs, np.float32), out.ends, LOAD
+        np.array(out.rids, np.int64), np.array(out.ids, np.int32), np.array(out.logprobs, np.float32), out.ends
     )
 
 
 def encode_msgspec(out: OutLists) -> list[bytes]:
-    return [_msgpack_encoder.encode(OutMessage(out.ends, LOAD, out.rids, out.ids, out.logprobs))]
+    return [_msgpack_encoder.encode(OutMessage(out.ends, out.rids, out.ids, out.logprobs))]
 
 
 def encode_json(out: OutLists) -> list[bytes]:
-    message = {"t": "out", "ends": out.ends, "load": LOAD, "rids": out.rids, "ids": out.ids, "logprobs": out.logprobs}
+    message = {"t": "out", "ends": out.ends, "rids": out.rids, "ids": out.ids, "logprobs": out.logprobs}
     return [json.dumps(message, separators=(",", ":")).encode()]
 
 
@@ -153,7 +151,7 @@ def _walk(rids: list[int], ids: list[int], logprobs: list[float]) -> int:
 def decode_numpy(frames: Sequence[bytes | memoryview]) -> int:
     """What ``EngineClient._read`` and ``_output`` do with an ``out`` message, up to the token loop."""
     header, arrays = ipc.decode(list(frames))  # type: ignore[arg-type]  # np.frombuffer takes memoryviews too
-    rids, ids, logprobs, _ends, _load = ipc.decode_out(header, arrays)
+    rids, ids, logprobs, _ends = ipc.decode_out(header, arrays)
     return _walk(rids.tolist(), ids.tolist(), logprobs.tolist())
 
 

@@ -165,12 +165,6 @@ class Engine:
             self._cancels.extend(streams)
             self._cond.notify()
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """``(active, waiting)`` in one read."""
-        with self._cond:
-            return self._n_active, self._n_waiting
-
     def close(self) -> None:
         """Refuse new submits; running streams go on."""
         with self._cond:
@@ -546,7 +540,7 @@ class Engine:
         none while one is still pending, and none within ``wake_interval`` of the previous one unless
         ``force`` (the engine is about to go idle). In the engine process: send each frontend its output."""
         if self.outbox is not None:
-            self.outbox.flush(self.load)
+            self.outbox.flush()
         if self._wake:
             wake, self._wake = self._wake, {}
             for loop, streams in wake.items():

@@ -78,7 +78,6 @@ class EngineClient:
         self.metrics = metrics
         self.on_lost = on_lost
         self.lost = False  # the engine process went away
-        self.engine_load = (0, 0)  # the engine's (active, waiting) as of its last message
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -222,16 +221,13 @@ class EngineClient:
             except Exception:  # a bad message must not end the reader: every stream depends on it
                 log.exception("could not handle a message from the engine")
 
-    def _output(
-        self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, ends: ipc.Ends, load: tuple[int, int]
-    ) -> None:
+    def _output(self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, ends: ipc.Ends) -> None:
         """One model call's tokens for this frontend's rows, then the rows the engine ended.
 
         The call's tokens come step by step (every row's first, then every row's second, ...); they
         are taken row by row, in order: the row's pieces, its stop matching and one ``push_many``.
         The latencies of the whole message are written once per histogram (``observe_weighted``).
         """
-        self.engine_load = load
         now = time.monotonic()
         previous, self._last_output = self._last_output, now
         observed: dict[str, _Observed] = {}

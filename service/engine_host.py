@@ -136,7 +136,7 @@ class RemoteOutbox:
             mine = token_owner == n
             buffer.extend(rids[mine], ids[mine], logprobs[mine])
 
-    def flush(self, load: tuple[int, int]) -> None:
+    def flush(self) -> None:
         with self._lock:
             buffers = list(self._buffers.values())
         for buffer in buffers:
@@ -158,7 +158,6 @@ class RemoteOutbox:
                 np.frombuffer(ids, np.int32),
                 np.frombuffer(logprobs, np.float32),
                 ends,
-                load,
             )
             self._socket.send_multipart([buffer.name, *frames], copy=False)
 
@@ -318,7 +317,7 @@ class EngineHost:
             self.engine.cancel(streams)
         if refused:
             empty = np.zeros(0, np.int64)
-            self._send(name, ipc.encode_out(empty, empty, empty, refused, self.engine.load))
+            self._send(name, ipc.encode_out(empty, empty, empty, refused))
 
     def _frontend_gone(self, name: bytes) -> None:
         self._frontends.discard(name)

@@ -11,8 +11,8 @@ Messages, each batched (never one per token):
   sampling fields, time left to the deadline; the prompts' ids concatenated in one int32 frame)
   and the request ids it cancels (client gone, a stop sequence matched).
 * engine -> frontend ``out``: once per model call, the new tokens of every row of that frontend as
-  three arrays (request id int64, token id int32, logprob float32; a row's tokens in order), the
-  requests that ended (id, finish reason, error) and the engine's load (active, waiting).
+  three arrays (request id int64, token id int32, logprob float32; a row's tokens in order) and the
+  requests that ended (id, finish reason, error).
 * engine -> frontend ``models``: which versions serve (name, version, folder, vocabulary size)
   and whether the engine is ready; sent on a frontend's ``hello`` and on every change.
 * supervisor -> engine ``gone``: a frontend died; the engine ends its rows. ``stop``: the
@@ -105,26 +105,22 @@ def encode_out(
     ids: np.ndarray,
     logprobs: np.ndarray,
     ends: Ends,
-    load: tuple[int, int],
 ) -> list[bytes]:
     """One call's output for one frontend."""
     return [
-        _header("out", ends=ends, load=list(load)),
+        _header("out", ends=ends),
         rids.astype(np.int64, copy=False).tobytes(),
         ids.astype(np.int32, copy=False).tobytes(),
         logprobs.astype(np.float32, copy=False).tobytes(),
     ]
 
 
-def decode_out(
-    header: dict[str, Any], frames: list[bytes]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Ends, tuple[int, int]]:
+def decode_out(header: dict[str, Any], frames: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Ends]:
     rids = np.frombuffer(frames[0], np.int64)
     ids = np.frombuffer(frames[1], np.int32)
     logprobs = np.frombuffer(frames[2], np.float32)
     ends = [(int(r), str(reason), error) for r, reason, error in header["ends"]]
-    active, waiting = header["load"]
-    return rids, ids, logprobs, ends, (int(active), int(waiting))
+    return rids, ids, logprobs, ends
 
 
 def encode_models(ready: bool, why: str, versions: list[dict[str, Any]]) -> list[bytes]:

@@ -16,8 +16,8 @@ from service import ipc
 HAS_MSGSPEC = importlib.util.find_spec("msgspec") is not None
 
 
-def _tokens(decoded: tuple[np.ndarray, np.ndarray, np.ndarray, ipc.Ends, tuple[int, int]]) -> list[tuple]:
-    rids, ids, logprobs, _, _ = decoded
+def _tokens(decoded: tuple[np.ndarray, np.ndarray, np.ndarray, ipc.Ends]) -> list[tuple]:
+    rids, ids, logprobs, _ = decoded
     return list(zip(rids.tolist(), ids.tolist(), logprobs.tolist(), strict=True))
 
 
