@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.e2e_bench import LOCALHOST, tree_rss_kb
+from benchmarks.e2e_bench import LOCALHOST, stop_process, tree_rss_kb
 from benchmarks.proc_cpu import tree_pids
 
 READY = re.compile(r"listening on port (\d+)")
@@ -209,13 +209,7 @@ class FloorProcess:
     def __exit__(self, *exc: object) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30.0)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10.0)
+            stop_process(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
         if self._log is not None:
