@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     log_level = build_parser().parse_args(args).log_level  # not in TrainConfig, which goes into the export
     set_log_levels(log_level)
 
+    from training.budget import BudgetError
     from training.corpus import CorpusError
     from training.distribute import ClusterError, choose_strategy
     from training.train import prepare, train
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepared = prepare(config)
         placement = choose_strategy(os.environ, mixed_precision=config.mixed_precision)
+        if config.stateful and placement.strategy.num_replicas_in_sync != 1:
+            raise UsageError(
+                f"--stateful trains on one replica, but the strategy has {placement.strategy.num_replicas_in_sync}"
+            )
     except (UsageError, CorpusError, WindowError, ClusterError) as exc:
         print(f"textgen train: error: {exc}", file=sys.stderr)
         return 2
@@ -48,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BudgetError as exc:  # the budget ran out before one validation interval could be planned
+        print(f"textgen train: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # a full or failing disk: the checkpoints written so far stay usable
         print(f"textgen train: error: {exc}", file=sys.stderr)
         return 1
@@ -60,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {result.export_path} ({summary})", flush=True)
     if result.sample:
         print(f"sample from the reloaded export: {result.sample!r}", flush=True)
+    if config.time_budget is not None and result.export_path:
+        from training.budget import process_age
+
+        used = process_age()
+        print(
+            f"done in {used:.0f} s from process start: {100 * used / config.time_budget:.1f}% of the "
+            f"{config.time_budget:.0f} s budget" + (" (this process only: it resumed)" if config.resume else ""),
+            flush=True,
+        )
     return 0
 
 

@@ -50,6 +50,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A budgeted run (--time-budget) without --preset: the settings the sizing rule does not choose.
+# The optimiser settings are the ones docs/training.md#what-each-change-buys measured best.
+BUDGET_DEFAULTS: dict[str, Any] = {
+    "epochs": 1,  # unused: a budgeted run counts steps
+    "seq_len": 100,
+    "stride": 50,
+    "layers": 2,
+    "units": 320,
+    "embedding_dim": 64,
+    "batch_size": 64,
+    "dropout": 0.1,
+    "learning_rate": 0.004,
+    "schedule": "cosine",
+    "weight_decay": 0.1,
+    "clipping": "global",
+}
+BUDGET_OPTIMISER = ("schedule", "weight_decay", "clipping")
+SIZE_FLAGS = ("layers", "units", "embedding_dim", "dropout")
+SCHEDULES = ("cosine", "constant")
+CLIPPING = ("global", "per-variable", "none")
+# Without --clip-norm: global-norm clipping at 1.0, per-variable at 5.0 (the presets' Adam(clipnorm=5.0)).
+DEFAULT_CLIP_NORM = {"global": 1.0, "per-variable": 5.0, "none": 0.0}
+
+
 class UsageError(ValueError):
     """A flag value that cannot be used; the message names it."""
 
@@ -83,6 +107,13 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     mixed_precision: bool = False
     sample_tokens: int = 40
+    time_budget: float | None = None  # seconds from process start to the export being done
+    auto_size: bool = False  # the sizing rule picks layers, units, embedding_dim and dropout
+    schedule: str = "constant"  # the learning rate of a budgeted run; epoch runs keep it constant
+    weight_decay: float = 0.0  # AdamW's decoupled decay; 0 is Adam
+    clipping: str = "per-variable"
+    clip_norm: float = 5.0
+    stateful: bool = False  # truncated BPTT: the state carries across consecutive windows
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seq_len", "stride", "layers", "units", "embedding_dim", "batch_size", "patience"):
@@ -107,6 +138,18 @@ class TrainConfig:
             raise UsageError(f"--sample-tokens must be at least 0, got {self.sample_tokens}")
         if not self.out:
             raise UsageError("--out must name a folder, got ''")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.clipping not in CLIPPING:
+            raise UsageError(f"--clipping must be one of {', '.join(CLIPPING)}, got {self.clipping!r}")
+        if not (0.0 <= self.weight_decay < 1.0):
+            raise UsageError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if self.clipping != "none" and not self.clip_norm > 0:
+            raise UsageError(f"--clip-norm must be a positive number, got {self.clip_norm}")
+        if self.time_budget is not None and self.validation_fraction <= 0:
+            raise UsageError("--time-budget validates as it goes: --validation-fraction must be above 0, got 0")
+        if self.stateful and self.time_budget is None:
+            raise UsageError("--stateful needs --time-budget (a budgeted run counts steps over the streams)")
 
     @property
     def name(self) -> str:
@@ -128,7 +171,8 @@ class TrainConfig:
         """What a checkpoint must match to be resumed (the data and the network, not the epoch count)."""
         keys = (
             "corpus level seq_len stride layers units embedding_dim cell batch_size dropout "
-            "validation_fraction max_vocab lowercase seed max_steps_per_epoch"
+            "validation_fraction max_vocab lowercase seed max_steps_per_epoch time_budget auto_size schedule "
+            "weight_decay clipping clip_norm stateful"
         ).split()
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
 
@@ -184,8 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--preset",
         choices=sorted(PRESETS),
-        default="quick",
-        help="default settings: quick (about a minute on 2 CPU cores) or small (under 30 minutes); flags override it",
+        help="default settings: quick (about a minute on 2 CPU cores) or small (under 30 minutes); flags override "
+        "it (default: quick, or the sizing rule with --time-budget)",
+    )
+    add(
+        "--time-budget",
+        metavar="DURATION",
+        help="train the best model that fits in DURATION (90s, 30m, 2h) from process start to the exported "
+        "version: plans the steps, the learning-rate schedule and, without --preset or size flags, the network",
     )
     add("--level", choices=LEVELS, default="char", help="tokens are characters or words (default: char)")
     add(
@@ -203,7 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cell", choices=CELLS, default="lstm", help="recurrent cell (default: lstm)")
     add("--batch-size", type=_positive_int, help="global batch size (split across replicas)")
     add("--dropout", type=_number)
-    add("--learning-rate", type=_number)
+    add("--learning-rate", type=_number, help="the peak learning rate with a schedule")
+    add("--schedule", choices=SCHEDULES, help="budgeted runs: warm-up then cosine decay, or constant (default: cosine)")
+    add("--weight-decay", type=_number, help="AdamW weight decay; 0 is Adam (default: 0.1 budgeted, 0 otherwise)")
+    add(
+        "--clipping",
+        choices=CLIPPING,
+        help="gradient clipping by the global norm or by each variable's norm "
+        "(default: global budgeted, per-variable otherwise)",
+    )
+    add("--clip-norm", type=_number, help="the clipping threshold (default: 1.0 global, 5.0 per-variable)")
+    add(
+        "--stateful",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="budgeted runs: carry the LSTM state across consecutive windows of each stream (truncated BPTT)",
+    )
     add(
         "--validation-fraction",
         type=_number,
@@ -251,11 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> TrainConfig:
     """Flags -> ``TrainConfig`` (preset values fill whatever was not given)."""
     args = build_parser().parse_args(argv)
-    values: dict[str, Any] = dict(PRESETS[args.preset])
-    for f in fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
+    budget = None
+    if args.time_budget is not None:
+        from training.budget import BudgetError, parse_duration
+
+        try:
+            budget = parse_duration(args.time_budget)
+        except BudgetError as exc:
+            raise UsageError(str(exc)) from exc
+    values: dict[str, Any] = {}
+    if budget is not None:  # every budgeted run: the optimiser defaults; without --preset, the rest too
+        values.update({k: BUDGET_DEFAULTS[k] for k in BUDGET_OPTIMISER})
+    if args.preset is not None or budget is None:
+        values.update({**PRESETS[args.preset or "quick"], "preset": args.preset or "quick"})
+    else:
+        values.update({**BUDGET_DEFAULTS, "preset": "budget"})
+    given_flags = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    for name in given_flags - {"time_budget"}:
+        values[name] = getattr(args, name)
+    values["time_budget"] = budget
+    values["auto_size"] = budget is not None and args.preset is None and not (given_flags & set(SIZE_FLAGS))
+    values.setdefault("clipping", "per-variable")
+    values.setdefault("clip_norm", DEFAULT_CLIP_NORM[values["clipping"]])
     values["corpus"] = tuple(args.corpus or ())
     name = os.path.basename(os.path.normpath(args.out)) or "model"
     values["checkpoint_dir"] = args.checkpoint_dir or os.path.join("runs", name, "checkpoints")

@@ -12,36 +12,41 @@ checkpoints, TensorBoard logs and the exported version.
 
 from __future__ import annotations
 
-import errno
-import glob
-import json
+import dataclasses
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
+from training.budget import Deadline, process_age
+from training.budgeted import fit_budgeted, size_for_budget
+from training.checkpoints import (
+    PROGRESS_FILE,
+    TOKENIZER_FILE,
+    Progress,
+    clean_checkpoints,
+    read_progress,
+    save_checkpoint,
+    write_json_atomic,
+)
 from training.config import TrainConfig, UsageError
 from training.corpus import Corpus, load_corpus
 from training.distribute import Placement
+from training.evaluate import Evaluator
 from training.export import export_version, smoke_generate
 from training.model import ModelConfig, build_model
+from training.optimizer import make_optimizer
 from training.tokenizer import Tokenizer, TokenizerError
 from training.windows import Split, count_batches, make_dataset, split_ids
 
 log = logging.getLogger("textgen.train")
 
-PROGRESS_FILE = "progress.json"
-TOKENIZER_FILE = "tokenizer.json"
-PROGRESS_FORMAT = "textgen.progress/1"
 LN2 = math.log(2.0)
 
 
@@ -52,53 +57,6 @@ def package_version() -> str:
         return version("textgen")
     except Exception:  # not installed (running from a source tree)
         return "unknown"
-
-
-# ------------------------------------------------------------------ progress
-@dataclass
-class Progress:
-    """What ``progress.json`` holds: the finished epochs and where their weights are."""
-
-    fingerprint: dict[str, Any]
-    epochs_done: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    last_weights: str = ""
-    best_weights: str = ""
-    best_val_loss: float | None = None
-    best_epoch: int = 0
-    wait: int = 0
-    stopped_early: bool = False
-    exported: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": PROGRESS_FORMAT, **self.__dict__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Progress:
-        if data.get("format") != PROGRESS_FORMAT:
-            raise ValueError(f"progress format must be {PROGRESS_FORMAT!r}, got {data.get('format')!r}")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-def read_progress(checkpoint_dir: str) -> Progress | None:
-    path = os.path.join(checkpoint_dir, PROGRESS_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return Progress.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"--resume: cannot read {path}: {exc}") from exc
-
-
-def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}.json")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------- prepare
@@ -171,8 +129,11 @@ def prepare(config: TrainConfig) -> Prepared:
 class EpochEnd(keras.callbacks.Callback):
     """Per epoch: bits per token and perplexity into the logs, early stopping, checkpoint, progress."""
 
-    def __init__(self, config: TrainConfig, progress: Progress, is_chief: bool) -> None:
+    def __init__(
+        self, config: TrainConfig, progress: Progress, is_chief: bool, evaluator: Evaluator | None = None
+    ) -> None:
         super().__init__()
+        self.evaluator = evaluator
         self.config = config
         self.progress = progress
         self.is_chief = is_chief
@@ -186,10 +147,9 @@ class EpochEnd(keras.callbacks.Callback):
         loss = float(logs["loss"])
         logs["bits_per_token"] = loss / LN2
         monitored = loss
-        if "val_loss" in logs:
+        if self.evaluator is not None:
+            logs.update(self.evaluator().logs())
             monitored = float(logs["val_loss"])
-            logs["val_bits_per_token"] = monitored / LN2
-            logs["val_perplexity"] = math.exp(min(monitored, 50.0))
         p = self.progress
         record = {
             "epoch": epoch + 1,
@@ -210,7 +170,12 @@ class EpochEnd(keras.callbacks.Callback):
             p.stopped_early = True
             self.model.stop_training = True
         self._checkpoint(weights)
-        val = f", val_loss {monitored:.4f}, val bits/token {monitored / LN2:.4f}" if "val_loss" in logs else ""
+        val = (
+            f", val_loss {monitored:.4f}, val bits/token {monitored / LN2:.4f} fresh, "
+            f"{logs['val_carried_bits_per_token']:.4f} carried, perplexity {logs['val_perplexity']:.2f}"
+            if "val_loss" in logs
+            else ""
+        )
         log.info(
             "epoch %d/%d: loss %.4f%s (%.1f s)%s",
             epoch + 1,
@@ -222,34 +187,7 @@ class EpochEnd(keras.callbacks.Callback):
         )
 
     def _checkpoint(self, weights: str) -> None:
-        # Every worker saves (reading distributed variables may take part in
-        # collectives); only the chief keeps its file.
-        target_dir = self.config.checkpoint_dir if self.is_chief else tempfile.mkdtemp(prefix="textgen-ckpt-")
-        tmp = os.path.join(target_dir, f".tmp-{uuid.uuid4().hex}.weights.h5")
-        self._check_room(target_dir)
-        self.model.save_weights(tmp)
-        if not self.is_chief:
-            shutil.rmtree(target_dir, ignore_errors=True)
-            return
-        os.replace(tmp, os.path.join(target_dir, weights))
-        _write_json_atomic(os.path.join(target_dir, PROGRESS_FILE), self.progress.to_dict())
-        keep = {self.progress.last_weights, self.progress.best_weights}
-        for path in glob.glob(os.path.join(target_dir, "epoch-*.weights.h5")):
-            if os.path.basename(path) not in keep:
-                os.remove(path)
-
-    def _check_room(self, target_dir: str) -> None:
-        """Refuse a checkpoint that will not fit: HDF5 crashes the process (SIGSEGV) on a full disk mid-write."""
-        previous = [os.path.getsize(p) for p in glob.glob(os.path.join(target_dir, "epoch-*.weights.h5"))]
-        weights = sum(int(np.prod(w.shape)) * 4 for w in self.model.weights)
-        needed = max(previous + [2 * weights + 64 * 1024])
-        free = shutil.disk_usage(target_dir).free
-        if free < needed:
-            raise OSError(
-                errno.ENOSPC,
-                f"no room for a checkpoint in {target_dir}: {free} bytes free, about {needed} needed; "
-                "free some space and continue with --resume",
-            )
+        save_checkpoint(self.model, self.config.checkpoint_dir, weights, self.progress, self.is_chief)
 
 
 # --------------------------------------------------------------------- train
@@ -258,12 +196,6 @@ class TrainResult:
     export_path: str  # "" on a worker that is not the chief
     metrics: dict[str, Any]
     sample: str
-
-
-def _clean_checkpoints(checkpoint_dir: str) -> None:
-    for pattern in ("epoch-*.weights.h5", ".tmp-*", PROGRESS_FILE, TOKENIZER_FILE):
-        for path in glob.glob(os.path.join(checkpoint_dir, pattern)):
-            os.remove(path)
 
 
 def train(config: TrainConfig, placement: Placement, prepared: Prepared | None = None) -> TrainResult:
@@ -286,81 +218,67 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
     if chief:
         os.makedirs(config.checkpoint_dir, exist_ok=True)
         if prep.resume_from is None:
-            _clean_checkpoints(config.checkpoint_dir)
+            clean_checkpoints(config.checkpoint_dir)
             prep.tokenizer.save(os.path.join(config.checkpoint_dir, TOKENIZER_FILE))
-    finished = progress.stopped_early or progress.epochs_done >= config.epochs
+    if config.time_budget is not None:
+        finished = bool(progress.plan) and progress.steps_done >= progress.plan["total_steps"]
+    else:
+        finished = progress.stopped_early or progress.epochs_done >= config.epochs
     if progress.exported and finished:
         log.info("the checkpoint's run already finished and was exported as %s; nothing to do", progress.exported)
         return TrainResult(progress.exported, _final_metrics(progress), "")
     progress.exported = ""  # more epochs were asked for: train on and export a new version
 
     keras.utils.set_random_seed(config.seed)
+    model_config = prep.model_config
+    deadline = None
+    if config.time_budget is not None:
+        deadline = Deadline(config.time_budget, progress.budget_used_s + process_age())
+        if config.auto_size:
+            config = size_for_budget(
+                config, prep.tokenizer.vocab_size, prep.split.train, placement.strategy, progress, deadline
+            )
+            model_config = dataclasses.replace(
+                model_config,
+                layers=config.layers,
+                units=config.units,
+                embedding_dim=config.embedding_dim,
+                dropout=config.dropout,
+            )
     with placement.strategy.scope():
-        model = build_model(prep.model_config)
+        model = build_model(model_config)
         model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=5.0),
+            optimizer=make_optimizer(config),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         if progress.last_weights:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(os.path.join(config.checkpoint_dir, progress.last_weights))
-            log.info(
-                "resuming after epoch %d of %d from %s", progress.epochs_done, config.epochs, progress.last_weights
-            )
+            if deadline is not None:
+                log.info("resuming after step %d from %s", progress.steps_done, progress.last_weights)
+            else:
+                log.info(
+                    "resuming after epoch %d of %d from %s", progress.epochs_done, config.epochs, progress.last_weights
+                )
 
-    train_ds = make_dataset(
-        prep.split.train,
-        config.seq_len,
-        config.stride,
-        config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        max_batches=config.max_steps_per_epoch,
-    )
-    val_ds = None
-    if len(prep.split.validation):
-        val_ds = make_dataset(
+    if deadline is not None:
+        fit_budgeted(
+            model,
+            config,
+            model_config,
+            placement.strategy,
+            prep.split.train,
             prep.split.validation,
-            config.seq_len,
-            config.seq_len,
-            config.batch_size,
-            shuffle=False,
-            max_batches=config.max_steps_per_epoch,
+            progress,
+            deadline,
+            chief,
         )
-    callbacks: list[keras.callbacks.Callback] = [EpochEnd(config, progress, chief)]
-    if chief and _tensorboard_available():
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=config.log_dir, write_graph=False))
-    remaining = config.epochs - progress.epochs_done
-    if remaining > 0 and not progress.stopped_early:
-        if placement.cluster.multi_worker:
-            _fit_multi_worker(
-                model,
-                placement.strategy,
-                train_ds,
-                val_ds,
-                epochs=config.epochs,
-                initial_epoch=progress.epochs_done,
-                steps=prep.train_batches,
-                callbacks=callbacks,
-                verbose=chief and sys.stdout.isatty(),
-            )
-        else:
-            model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=config.epochs,
-                initial_epoch=progress.epochs_done,
-                callbacks=callbacks,
-                shuffle=False,  # the dataset shuffles its windows itself
-                # The live progress bar on a terminal; one line per epoch in logs and pipes.
-                verbose=1 if chief and sys.stdout.isatty() else 2,
-            )
     else:
-        log.info("all %d epochs are done; exporting", progress.epochs_done)
+        _fit_epochs(model, config, model_config, placement, prep, progress)
 
     if progress.best_weights and progress.best_weights != progress.last_weights:
         best = os.path.join(config.checkpoint_dir, progress.best_weights)
-        log.info("restoring the best epoch (%d) before export", progress.best_epoch)
+        log.info("restoring the best weights (%s) before export", progress.best_weights)
         with placement.strategy.scope():
             model.load_weights(best)
 
@@ -373,7 +291,7 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
         return TrainResult("", metrics, "")
     path = export_version(
         model,
-        prep.model_config,
+        model_config,
         prep.tokenizer,
         config.out,
         {
@@ -388,17 +306,67 @@ def train(config: TrainConfig, placement: Placement, prepared: Prepared | None =
         },
     )
     progress.exported = path
-    _write_json_atomic(os.path.join(config.checkpoint_dir, PROGRESS_FILE), progress.to_dict())
+    write_json_atomic(os.path.join(config.checkpoint_dir, PROGRESS_FILE), progress.to_dict())
     log.info("exported %s", path)
     sample = smoke_generate(path, tokens=config.sample_tokens) if config.sample_tokens else ""
     return TrainResult(path, metrics, sample)
+
+
+def _fit_epochs(
+    model: keras.Model,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    placement: Placement,
+    prep: Prepared,
+    progress: Progress,
+) -> None:
+    """Epochs as ``--epochs`` asks, early stopping after ``--patience`` epochs without a better validation."""
+    chief = placement.is_chief
+    train_ds = make_dataset(
+        prep.split.train,
+        config.seq_len,
+        config.stride,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        max_batches=config.max_steps_per_epoch,
+    )
+    # Validation is the two protocols of evaluate.py, run by EpochEnd (not fit's validation_data).
+    evaluator = Evaluator(model, model_config, prep.split.validation) if len(prep.split.validation) else None
+    callbacks: list[keras.callbacks.Callback] = [EpochEnd(config, progress, chief, evaluator)]
+    if chief and _tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=config.log_dir, write_graph=False))
+    remaining = config.epochs - progress.epochs_done
+    if remaining > 0 and not progress.stopped_early:
+        if placement.cluster.multi_worker:
+            _fit_multi_worker(
+                model,
+                placement.strategy,
+                train_ds,
+                epochs=config.epochs,
+                initial_epoch=progress.epochs_done,
+                steps=prep.train_batches,
+                callbacks=callbacks,
+                verbose=chief and sys.stdout.isatty(),
+            )
+        else:
+            model.fit(
+                train_ds,
+                epochs=config.epochs,
+                initial_epoch=progress.epochs_done,
+                callbacks=callbacks,
+                shuffle=False,  # the dataset shuffles its windows itself
+                # The live progress bar on a terminal; one line per epoch in logs and pipes.
+                verbose=1 if chief and sys.stdout.isatty() else 2,
+            )
+    else:
+        log.info("all %d epochs are done; exporting", progress.epochs_done)
 
 
 def _fit_multi_worker(
     model: keras.Model,
     strategy: Any,
     train_ds: Any,
-    val_ds: Any,
     *,
     epochs: int,
     initial_epoch: int,
@@ -420,7 +388,6 @@ def _fit_multi_worker(
     per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     replicas = float(strategy.num_replicas_in_sync)
     dist_train = strategy.experimental_distribute_dataset(train_ds)
-    dist_val = strategy.experimental_distribute_dataset(val_ds) if val_ds is not None else None
 
     def train_replica(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
@@ -430,18 +397,9 @@ def _fit_multi_worker(
         model.optimizer.apply(grads, model.trainable_variables)
         return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)
 
-    def eval_replica(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        losses = per_token(y, model(x, training=False))
-        return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)
-
     @tf.function
     def train_step(batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
         total, count = strategy.run(train_replica, args=batch)
-        return strategy.reduce("SUM", total, axis=None), strategy.reduce("SUM", count, axis=None)
-
-    @tf.function
-    def eval_step(batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        total, count = strategy.run(eval_replica, args=batch)
         return strategy.reduce("SUM", total, axis=None), strategy.reduce("SUM", count, axis=None)
 
     callback_list = keras.callbacks.CallbackList(callbacks, add_history=False, add_progbar=False, model=model)
@@ -456,12 +414,6 @@ def _fit_multi_worker(
             total, count = total + float(t), count + float(c)
             bar.update(i + 1, [("loss", total / max(count, 1.0))])
         logs: dict[str, Any] = {"loss": total / max(count, 1.0)}
-        if dist_val is not None:
-            v_total = v_count = 0.0
-            for batch in dist_val:
-                t, c = eval_step(batch)
-                v_total, v_count = v_total + float(t), v_count + float(c)
-            logs["val_loss"] = v_total / max(v_count, 1.0)
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
@@ -478,19 +430,36 @@ def _tensorboard_available() -> bool:
 
 
 def _final_metrics(progress: Progress) -> dict[str, Any]:
-    """The exported epoch's figures (the best one when early stopping restored it)."""
-    by_epoch = {r["epoch"]: r for r in progress.history}
-    record = by_epoch.get(progress.best_epoch) or (progress.history[-1] if progress.history else {})
+    """The exported weights' figures (the best validation's, when early stopping or a budget restored them)."""
+    if progress.steps_done:  # a budgeted run: records per validation, keyed by step
+        by_step = {r["step"]: r for r in progress.history}
+        record = by_step.get(progress.best_step) or (progress.history[-1] if progress.history else {})
+    else:
+        by_epoch = {r["epoch"]: r for r in progress.history}
+        record = by_epoch.get(progress.best_epoch) or (progress.history[-1] if progress.history else {})
     out: dict[str, Any] = {
         "epochs_completed": progress.epochs_done,
         "exported_epoch": record.get("epoch", 0),
         "stopped_early": progress.stopped_early,
         "train_loss": record.get("loss"),
     }
+    if progress.steps_done:
+        out.update(steps_completed=progress.steps_done, exported_step=record.get("step", 0))
+        out.update(plan=progress.plan, budget_used_seconds=round(progress.budget_used_s, 1))
+        if progress.sizing:
+            out["sizing"] = progress.sizing
     if "val_loss" in record:
         out["val_loss"] = record["val_loss"]
         out["bits_per_token"] = record["val_loss"] / LN2
         out["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
+        for key in ("val_carried_loss", "val_carried_bits_per_token", "val_carried_perplexity"):
+            if key in record:
+                out[key] = record[key]
+    if progress.final_validation:  # the run validated on a sample; these are the whole tail's figures
+        final = progress.final_validation
+        out["val_sample_loss"] = out.get("val_loss")
+        out.update({k: final[k] for k in final if k.startswith("val_")})
+        out["bits_per_token"] = final["val_loss"] / LN2
     elif "loss" in record:
         out["bits_per_token"] = record["loss"] / LN2
     return out

@@ -1,0 +1,354 @@
+"""The training loop of a budgeted run (``--time-budget``): optimizer steps planned to end with the budget.
+
+``fit_budgeted`` times a few real steps and one validation, asks
+``budget.plan`` how many steps fit before the export, and trains them with the
+learning rate of ``budget.lr_at``. Every ``validate_every`` steps it validates
+in both protocols (``evaluate.py``), logs one progress line, writes TensorBoard
+scalars, keeps the best weights and checkpoints (``progress.json`` holds the
+steps done and the seconds of the budget used, so ``--resume`` continues with
+what is left). After each validation it plans again from the measured step
+time, so a machine that slows down or speeds up still ends on time. Under a
+multi-worker strategy every worker runs the same loop and the chief's plan is
+shared with an all-reduce; the batch is split across the replicas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import sizing
+from training.batches import StreamBatches, WindowBatches
+from training.budget import (
+    VALIDATION_SHARE,
+    Deadline,
+    Plan,
+    export_reserve,
+    lr_at,
+    plan,
+    plan_from_now,
+    probe_seconds,
+    replan,
+)
+from training.checkpoints import PROGRESS_FILE, Progress, save_checkpoint, write_json_atomic
+from training.config import TrainConfig
+from training.evaluate import Evaluator
+from training.model import ModelConfig, build_model, forward
+from training.optimizer import make_optimizer
+
+log = logging.getLogger("textgen.train")
+
+LN2 = math.log(2.0)
+# Steps run before the timed ones (the first traces the step function).
+UNTIMED_STEPS = 2
+# The timed probe: at least this many steps, until budget.probe_seconds have passed.
+PROBE_STEPS = 3
+# Validations as the run goes read a sample of about this many held-out tokens (evaluate.py).
+VALIDATION_SAMPLE_TOKENS = 200_000
+# Before the plan exists the learning rate warms up as if over this many steps (the longest warm-up).
+PROBE_WARMUP = 500
+
+
+def make_batches(config: TrainConfig, ids: np.ndarray) -> WindowBatches | StreamBatches:
+    if config.stateful:
+        return StreamBatches(ids, config.seq_len, config.batch_size, config.seed)
+    return WindowBatches(ids, config.seq_len, config.stride, config.batch_size, config.seed)
+
+
+class StepRunner:
+    """One optimizer step over the replicas of ``strategy``, from NumPy batches and a carried state."""
+
+    def __init__(self, model: keras.Model, model_config: ModelConfig, strategy: Any) -> None:
+        self.model = model
+        self.config = model_config
+        self.strategy = strategy
+        self.replicas = int(strategy.num_replicas_in_sync)
+        per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+        optimizer = model.optimizer
+
+        def replica_step(x: tf.Tensor, y: tf.Tensor, state: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            with tf.GradientTape() as tape:
+                logits, new_state = forward(model, model_config, x, state, training=True)
+                loss = tf.reduce_mean(per_token(y, logits))
+                scaled = loss / float(self.replicas)  # the optimizer sums the replicas' gradients
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            return loss, tf.stop_gradient(new_state)
+
+        @tf.function
+        def step(x: Any, y: Any, state: Any) -> tuple[tf.Tensor, Any]:
+            loss, new_state = strategy.run(replica_step, args=(x, y, state))
+            return strategy.reduce("MEAN", loss, axis=None), new_state
+
+        self._step = step
+
+    def _split(self, array: np.ndarray) -> Any:
+        if self.replicas == 1:
+            return tf.constant(array)
+        rows = len(array) // self.replicas
+
+        def value(ctx: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+            i = ctx.replica_id_in_sync_group
+            return tf.constant(array[i * rows : (i + 1) * rows])
+
+        return self.strategy.experimental_distribute_values_from_function(value)
+
+    def zero_state(self, rows: int) -> Any:
+        return self._split(np.zeros([rows, self.config.state_size], np.float32))
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, state: Any) -> tuple[float, Any]:
+        loss, state = self._step(self._split(x), self._split(y), state)
+        return float(loss), state
+
+
+def agree(strategy: Any, value: float) -> float:
+    """The chief's ``value`` on every worker (an all-reduce where only global replica 0 contributes)."""
+    if int(strategy.num_replicas_in_sync) == 1:
+        return value
+
+    def contribute() -> tf.Tensor:
+        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        return tf.where(first, tf.constant(value, tf.float64), tf.constant(0.0, tf.float64))
+
+    return float(strategy.reduce("SUM", strategy.run(contribute), axis=None))
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def fit_budgeted(
+    model: keras.Model,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    strategy: Any,
+    train_ids: np.ndarray,
+    validation_ids: np.ndarray,
+    progress: Progress,
+    deadline: Deadline,
+    is_chief: bool,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Train until the plan's last step (or the deadline's reserve), validating and checkpointing as planned."""
+    assert config.time_budget is not None
+    batches = make_batches(config, train_ids)
+    if batches.stateful and int(strategy.num_replicas_in_sync) != 1:
+        raise ValueError("--stateful trains on one replica")
+    if len(validation_ids) == 0:
+        raise ValueError("a budgeted run validates: --validation-fraction must be above 0")
+    evaluator = Evaluator(model, model_config, validation_ids, max_tokens=VALIDATION_SAMPLE_TOKENS)
+    whole = Evaluator(model, model_config, validation_ids) if evaluator.sampled else None
+    runner = StepRunner(model, model_config, strategy)
+    writer = tf.summary.create_file_writer(config.log_dir) if is_chief else None
+    peak = config.learning_rate
+    run_plan: Plan | None = None
+    state = runner.zero_state(config.batch_size)
+    step = progress.steps_done
+    seen = 0.0  # training loss summed since the last validation
+    seen_steps = 0
+
+    def lr(step: int) -> float:
+        if config.schedule == "constant":
+            return peak
+        if run_plan is None:
+            return lr_at(step, peak=peak, total_steps=10**9, warmup_steps=PROBE_WARMUP)
+        return lr_at(step, peak=peak, total_steps=run_plan.total_steps, warmup_steps=run_plan.warmup_steps)
+
+    def train_one() -> None:
+        nonlocal step, state, seen, seen_steps
+        if batches.stateful and batches.starts_new_epoch(step):
+            state = runner.zero_state(config.batch_size)
+        model.optimizer.learning_rate.assign(lr(step))
+        loss, state = runner(*batches(step), state)
+        seen, seen_steps, step = seen + loss, seen_steps + 1, step + 1
+
+    def validate() -> None:
+        nonlocal seen, seen_steps
+        figures = evaluator().logs()
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": round(step / batches.steps_per_epoch, 3),
+            "seconds": round(deadline.used(), 1),
+            "lr": lr(max(0, step - 1)),
+            "loss": seen / max(1, seen_steps),
+            "bits_per_token": seen / max(1, seen_steps) / LN2,
+            **figures,
+        }
+        seen, seen_steps = 0.0, 0
+        improved = progress.best_val_loss is None or record["val_loss"] < progress.best_val_loss
+        weights = f"step-{step:08d}.weights.h5"
+        if improved:
+            progress.best_val_loss, progress.best_step, progress.best_weights = record["val_loss"], step, weights
+        progress.steps_done = step
+        progress.budget_used_s = deadline.used()
+        progress.history.append(record)
+        progress.last_weights = weights
+        if run_plan is not None:
+            progress.plan = run_plan.describe()
+        save_checkpoint(model, config.checkpoint_dir, weights, progress, is_chief)
+        if writer is not None:
+            with writer.as_default(step=step):
+                for name in ("loss", "lr", "val_loss", "val_bits_per_token", "val_carried_bits_per_token"):
+                    tf.summary.scalar(name, record[name])
+                tf.summary.scalar("val_perplexity", record["val_perplexity"])
+            writer.flush()
+        total = run_plan.total_steps if run_plan is not None else 0
+        log.info(
+            "step %d/%s (epoch %.2f): loss %.4f, val %.4f bits/token fresh, %.4f carried, perplexity %.2f, lr %.2e; "
+            "%s elapsed, %s left of %s%s",
+            step,
+            total or "?",
+            record["epoch"],
+            record["loss"],
+            record["val_bits_per_token"],
+            record["val_carried_bits_per_token"],
+            record["val_perplexity"],
+            record["lr"],
+            _clock(deadline.used()),
+            _clock(deadline.remaining()),
+            _clock(deadline.budget_s),
+            ", best" if improved else "",
+        )
+
+    # Probe: untimed steps (tracing), timed steps, one validation; then plan.
+    for _ in range(UNTIMED_STEPS):
+        train_one()
+    started, timed = clock(), 0
+    while timed < PROBE_STEPS or clock() - started < probe_seconds(deadline.budget_s):
+        train_one()
+        timed += 1
+    step_s = (clock() - started) / timed
+    started = clock()
+    validate()
+    validation_s = clock() - started
+    # The exported weights are scored on the whole tail once, after the last step.
+    final_s = validation_s * whole.tokens / evaluator.tokens if whole is not None else 0.0
+    run_plan = plan(
+        remaining_s=deadline.remaining(),
+        budget_s=deadline.budget_s,
+        steps_done=step,
+        step_s=step_s,
+        validation_s=validation_s,
+        reserve_s=export_reserve(deadline.budget_s) + final_s,
+    )
+    total = int(agree(strategy, float(run_plan.total_steps)))
+    if total != run_plan.total_steps:
+        run_plan = replan(run_plan, total_steps=total)
+    progress.plan = run_plan.describe()
+    log.info(
+        "plan: %d steps (%.3f s each), a validation every %d steps (%.1f s each), warm-up %d steps, "
+        "%.0f s held back for the export",
+        run_plan.total_steps,
+        step_s,
+        run_plan.validate_every,
+        validation_s,
+        run_plan.warmup_steps,
+        run_plan.reserve_s,
+    )
+    interval_start, interval_steps = clock(), 0
+    alone = int(strategy.num_replicas_in_sync) == 1
+    while step < run_plan.total_steps:
+        train_one()
+        interval_steps += 1
+        # Alone, a run that falls far behind its plan stops at once; workers stop where they agreed.
+        late = alone and deadline.remaining() < run_plan.reserve_s / 2
+        at_end = step >= run_plan.total_steps or late
+        if late:
+            log.warning("behind the plan: stopping at step %d of %d to export on time", step, run_plan.total_steps)
+            run_plan = replan(run_plan, total_steps=step)
+        if step % run_plan.validate_every == 0 or at_end:
+            measured = (clock() - interval_start) / interval_steps
+            started = clock()
+            validate()
+            validation_s = clock() - started
+            if not at_end:
+                total = plan_from_now(run_plan, deadline, step, measured, validation_s)
+                run_plan = replan(run_plan, total_steps=int(agree(strategy, float(total))))
+            interval_start, interval_steps = clock(), 0
+    progress.plan = run_plan.describe()
+    if whole is not None:
+        if progress.best_weights != progress.last_weights:
+            model.load_weights(os.path.join(config.checkpoint_dir, progress.best_weights))
+        figures = whole().logs()
+        progress.final_validation = {"step": progress.best_step, "tokens": whole.tokens, **figures}
+        progress.budget_used_s = deadline.used()
+        if is_chief:
+            write_json_atomic(os.path.join(config.checkpoint_dir, PROGRESS_FILE), progress.to_dict())
+        log.info(
+            "step %d on the whole validation tail (%d tokens): %.4f bits/token fresh, %.4f carried, perplexity %.2f",
+            progress.best_step,
+            whole.tokens,
+            figures["val_bits_per_token"],
+            figures["val_carried_bits_per_token"],
+            figures["val_perplexity"],
+        )
+
+
+def size_for_budget(
+    config: TrainConfig,
+    vocab: int,
+    train_ids: np.ndarray,
+    strategy: Any,
+    progress: Progress,
+    deadline: Deadline,
+    clock: Callable[[], float] = time.monotonic,
+) -> TrainConfig:
+    """``config`` with the layers, units, embedding and dropout of ``sizing.choose`` (kept in ``progress``)."""
+    if not progress.sizing:
+        batches = make_batches(config, train_ids)
+        times = []
+        for layers, units in sizing.PROBES:
+            probe = ModelConfig(vocab, sizing.EMBEDDING_DIM, units, layers, config.cell, 0.1)
+            with strategy.scope():
+                model = build_model(probe)
+                model.compile(optimizer=make_optimizer(config))
+            runner = StepRunner(model, probe, strategy)
+            state = runner.zero_state(config.batch_size)
+            for step in range(UNTIMED_STEPS):
+                runner(*batches(step), state)
+            started, timed = clock(), 0
+            while timed < PROBE_STEPS or clock() - started < probe_seconds(deadline.budget_s) / 2:
+                runner(*batches(UNTIMED_STEPS + timed), state)
+                timed += 1
+            times.append((clock() - started) / timed)
+        probe_s = (times[0], times[1])
+        train_s = (deadline.remaining() - export_reserve(deadline.budget_s)) * (1.0 - VALIDATION_SHARE)
+        choice = sizing.choose(
+            vocab=vocab,
+            corpus_tokens=len(train_ids),
+            train_s=train_s,
+            probe_step_s=probe_s,
+            tokens_per_step=config.batch_size * config.seq_len,
+        )
+        index = int(agree(strategy, float(sizing.CANDIDATES.index((choice.layers, choice.units)))))
+        if sizing.CANDIDATES[index] != (choice.layers, choice.units):  # another worker's clock chose
+            layers, units = sizing.CANDIDATES[index]
+            choice = dataclasses.replace(choice, layers=layers, units=units)
+        progress.sizing = {
+            "layers": choice.layers,
+            "units": choice.units,
+            "embedding_dim": choice.embedding_dim,
+            "dropout": choice.dropout,
+            "probes": [f"{layers} x {units}" for layers, units in sizing.PROBES],
+            "probe_step_seconds": [round(t, 5) for t in probe_s],
+            "estimated_step_seconds": round(choice.est_step_s, 5),
+            "reason": choice.reason(),
+        }
+        keras.utils.set_random_seed(config.seed)  # the chosen network starts as if no probe had run
+    log.info("sizing rule: %s", progress.sizing["reason"])
+    s = progress.sizing
+    return dataclasses.replace(
+        config, layers=s["layers"], units=s["units"], embedding_dim=s["embedding_dim"], dropout=s["dropout"]
+    )
