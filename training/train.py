@@ -149,6 +149,7 @@ class EpochEnd(keras.callbacks.Callback):
         monitored = loss
         if self.evaluator is not None:
             logs.update(self.evaluator().logs())
+        if "val_loss" in logs:
             monitored = float(logs["val_loss"])
         p = self.progress
         record = {
@@ -170,12 +171,9 @@ class EpochEnd(keras.callbacks.Callback):
             p.stopped_early = True
             self.model.stop_training = True
         self._checkpoint(weights)
-        val = (
-            f", val_loss {monitored:.4f}, val bits/token {monitored / LN2:.4f} fresh, "
-            f"{logs['val_carried_bits_per_token']:.4f} carried, perplexity {logs['val_perplexity']:.2f}"
-            if "val_loss" in logs
-            else ""
-        )
+        val = f", val_loss {monitored:.4f}, val bits/token {monitored / LN2:.4f}" if "val_loss" in logs else ""
+        if "val_carried_bits_per_token" in logs:
+            val += f" fresh, {logs['val_carried_bits_per_token']:.4f} carried, perplexity {logs['val_perplexity']:.2f}"
         log.info(
             "epoch %d/%d: loss %.4f%s (%.1f s)%s",
             epoch + 1,
@@ -455,11 +453,11 @@ def _final_metrics(progress: Progress) -> dict[str, Any]:
         for key in ("val_carried_loss", "val_carried_bits_per_token", "val_carried_perplexity"):
             if key in record:
                 out[key] = record[key]
+    elif "loss" in record:
+        out["bits_per_token"] = record["loss"] / LN2
     if progress.final_validation:  # the run validated on a sample; these are the whole tail's figures
         final = progress.final_validation
         out["val_sample_loss"] = out.get("val_loss")
         out.update({k: final[k] for k in final if k.startswith("val_")})
         out["bits_per_token"] = final["val_loss"] / LN2
-    elif "loss" in record:
-        out["bits_per_token"] = record["loss"] / LN2
     return out
