@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BASELINE = ["--preset", "small", "--schedule", "constant", "--weight-decay", "0", "--clipping", "per-variable"]
+BASELINE = [
+    "--preset", "small", "--schedule", "constant", "--weight-decay", "0", "--clipping", "per-variable",
+    "--no-stateful",
+]  # fmt: skip
 
 
 def _with(flag: str, value: str) -> list[str]:
@@ -40,10 +43,12 @@ def _with(flag: str, value: str) -> list[str]:
 VARIANTS: dict[str, list[str]] = {
     "baseline": BASELINE,
     "schedule": _with("--schedule", "cosine"),
+    "schedule-wsd": _with("--schedule", "wsd"),
+    "schedule-cosine-2x": [*_with("--schedule", "cosine"), "--learning-rate", "0.008"],
     "sizing": BASELINE[2:],  # no --preset: the sizing rule picks the network
     "weight-decay": _with("--weight-decay", "0.1"),
     "clipping": _with("--clipping", "global"),
-    "stateful": [*BASELINE, "--stateful"],
+    "stateful": [*BASELINE[:-1], "--stateful"],
     "defaults": [],
 }
 

@@ -160,11 +160,17 @@ def fit_budgeted(
     seen_steps = 0
 
     def lr(step: int) -> float:
-        if config.schedule == "constant":
-            return peak
-        if run_plan is None:
-            return lr_at(step, peak=peak, total_steps=10**9, warmup_steps=PROBE_WARMUP)
-        return lr_at(step, peak=peak, total_steps=run_plan.total_steps, warmup_steps=run_plan.warmup_steps)
+        # A resumed run follows the plan it checkpointed until it has timed this machine again.
+        known = run_plan.describe() if run_plan is not None else progress.plan
+        if not known:
+            return lr_at(step, peak=peak, total_steps=10**9, warmup_steps=PROBE_WARMUP, shape=config.schedule)
+        return lr_at(
+            step,
+            peak=peak,
+            total_steps=int(known["total_steps"]),
+            warmup_steps=int(known["warmup_steps"]),
+            shape=config.schedule,
+        )
 
     def train_one() -> None:
         nonlocal step, state, seen, seen_steps
@@ -257,11 +263,13 @@ def fit_budgeted(
         run_plan.warmup_steps,
         run_plan.reserve_s,
     )
-    interval_start, interval_steps = clock(), 0
+    # Step and validation times are averaged over the whole run so far: one slow interval on a
+    # shared machine does not swing the plan (and the schedule with it).
+    train_time, train_steps, interval_start, first = 0.0, 0, clock(), step
+    validation_time, validations = validation_s, 1
     alone = int(strategy.num_replicas_in_sync) == 1
     while step < run_plan.total_steps:
         train_one()
-        interval_steps += 1
         # Alone, a run that falls far behind its plan stops at once; workers stop where they agreed.
         late = alone and deadline.remaining() < run_plan.reserve_s / 2
         at_end = step >= run_plan.total_steps or late
@@ -269,14 +277,14 @@ def fit_budgeted(
             log.warning("behind the plan: stopping at step %d of %d to export on time", step, run_plan.total_steps)
             run_plan = replan(run_plan, total_steps=step)
         if step % run_plan.validate_every == 0 or at_end:
-            measured = (clock() - interval_start) / interval_steps
             started = clock()
+            train_time, train_steps = train_time + started - interval_start, step - first
             validate()
-            validation_s = clock() - started
+            validation_time, validations = validation_time + clock() - started, validations + 1
             if not at_end:
-                total = plan_from_now(run_plan, deadline, step, measured, validation_s)
+                total = plan_from_now(run_plan, deadline, step, train_time / train_steps, validation_time / validations)
                 run_plan = replan(run_plan, total_steps=int(agree(strategy, float(total))))
-            interval_start, interval_steps = clock(), 0
+            interval_start = clock()
     progress.plan = run_plan.describe()
     if whole is not None:
         if progress.best_weights != progress.last_weights:

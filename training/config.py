@@ -51,7 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # A budgeted run (--time-budget) without --preset: the settings the sizing rule does not choose.
-# The optimiser settings are the ones docs/training.md#what-each-change-buys measured best.
+# The schedule, optimiser and stateful settings are the ones docs/training.md#what-each-change-buys
+# measured best.
 BUDGET_DEFAULTS: dict[str, Any] = {
     "epochs": 1,  # unused: a budgeted run counts steps
     "seq_len": 100,
@@ -62,13 +63,14 @@ BUDGET_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "dropout": 0.1,
     "learning_rate": 0.004,
-    "schedule": "cosine",
-    "weight_decay": 0.1,
-    "clipping": "global",
+    "schedule": "wsd",
+    "weight_decay": 0.0,
+    "clipping": "per-variable",
+    "stateful": True,
 }
-BUDGET_OPTIMISER = ("schedule", "weight_decay", "clipping")
+BUDGET_OPTIMISER = ("schedule", "weight_decay", "clipping", "stateful")
 SIZE_FLAGS = ("layers", "units", "embedding_dim", "dropout")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "wsd", "constant")
 CLIPPING = ("global", "per-variable", "none")
 # Without --clip-norm: global-norm clipping at 1.0, per-variable at 5.0 (the presets' Adam(clipnorm=5.0)).
 DEFAULT_CLIP_NORM = {"global": 1.0, "per-variable": 5.0, "none": 0.0}
@@ -254,20 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=_positive_int, help="global batch size (split across replicas)")
     add("--dropout", type=_number)
     add("--learning-rate", type=_number, help="the peak learning rate with a schedule")
-    add("--schedule", choices=SCHEDULES, help="budgeted runs: warm-up then cosine decay, or constant (default: cosine)")
-    add("--weight-decay", type=_number, help="AdamW weight decay; 0 is Adam (default: 0.1 budgeted, 0 otherwise)")
+    add(
+        "--schedule",
+        choices=SCHEDULES,
+        help="budgeted runs: warm-up then the peak until a linear decay over the last 20%% (wsd), warm-up then "
+        "a cosine decay, or constant (default: wsd)",
+    )
+    add("--weight-decay", type=_number, help="AdamW weight decay; 0 is Adam (default: 0)")
     add(
         "--clipping",
         choices=CLIPPING,
-        help="gradient clipping by the global norm or by each variable's norm "
-        "(default: global budgeted, per-variable otherwise)",
+        help="gradient clipping by the global norm or by each variable's norm (default: per-variable)",
     )
     add("--clip-norm", type=_number, help="the clipping threshold (default: 1.0 global, 5.0 per-variable)")
     add(
         "--stateful",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="budgeted runs: carry the LSTM state across consecutive windows of each stream (truncated BPTT)",
+        help="budgeted runs: carry the LSTM state across consecutive windows of each stream, truncated BPTT "
+        "(default: on with --time-budget)",
     )
     add(
         "--validation-fraction",
@@ -332,6 +339,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
     else:
         values.update({**BUDGET_DEFAULTS, "preset": "budget"})
     given_flags = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if budget is not None:
+        # patience's default is given by argparse; only an explicit --patience is refused
+        epoch_flags = sorted(given_flags & {"epochs", "max_steps_per_epoch"}) + (
+            ["patience"] if any(a == "--patience" or a.startswith("--patience=") for a in argv) else []
+        )
+        if epoch_flags:
+            flag = "--" + epoch_flags[0].replace("_", "-")
+            raise UsageError(f"{flag} does not apply with --time-budget: a budgeted run plans its own steps")
     for name in given_flags - {"time_budget"}:
         values[name] = getattr(args, name)
     values["time_budget"] = budget

@@ -103,3 +103,15 @@ def test_past_the_deadline_one_more_step_is_planned_not_zero() -> None:
 def test_process_age_is_this_process_age() -> None:
     age = process_age()
     assert 0.0 < age < 24 * 3600
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fifth() -> None:
+    peak, total, warmup = 0.01, 1000, 30
+    lrs = [lr_at(s, peak=peak, total_steps=total, warmup_steps=warmup, shape="wsd") for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(peak / warmup) and lrs[warmup - 1] == pytest.approx(peak)
+    decay_start = total - int(budget.DECAY_SHARE * total)
+    assert all(lr == pytest.approx(peak) for lr in lrs[warmup : decay_start + 1])
+    steps = [b - a for a, b in zip(lrs[decay_start:], lrs[decay_start + 1 :], strict=False)]
+    assert all(d == pytest.approx(steps[0]) for d in steps) and steps[0] < 0  # a straight line down
+    assert lrs[total] == pytest.approx(peak * budget.FINAL_LR_FRACTION)
+    assert lr_at(5, peak=peak, total_steps=total, warmup_steps=warmup, shape="constant") == peak

@@ -55,7 +55,7 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
     assert steps == sorted(steps) and steps[-1] == plan["total_steps"] and len(steps) >= 3
     for key in ("val_loss", "val_carried_loss", "val_carried_bits_per_token", "val_perplexity"):
         assert key in info and info[key] > 0, key
-    assert info["training"]["stateful"] is True and info["training"]["schedule"] == "cosine"
+    assert info["training"]["stateful"] is True and info["training"]["schedule"] == "wsd"
     lrs = [r["lr"] for r in info["history"]]
     assert lrs[-1] < max(lrs)  # the schedule decayed
     assert "sizing" not in info  # size flags were given
@@ -116,6 +116,8 @@ BAD = {
     "weight decay": (["--weight-decay", "2"], "--weight-decay"),
     "clipping": (["--clipping", "sometimes"], "--clipping"),
     "clip norm": (["--clip-norm", "0"], "--clip-norm"),
+    "epochs with a budget": (["--time-budget", "60s", "--epochs", "3"], "--epochs does not apply"),
+    "patience with a budget": (["--time-budget", "60s", "--patience", "3"], "--patience does not apply"),
 }
 
 

@@ -23,12 +23,15 @@ def _worker_env(workers: list[str], index: int) -> dict[str, str]:
     return env
 
 
-def _run_two_workers(tmp_path: Path, corpus: Path, epochs: int, *extra: str) -> list[subprocess.CompletedProcess]:
+def _run_two_workers(
+    tmp_path: Path, corpus: Path, epochs: int | None, *extra: str
+) -> list[subprocess.CompletedProcess]:
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    per_epoch = ["--max-steps-per-epoch", "3", "--epochs", str(epochs)] if epochs is not None else []
     argv = [
         sys.executable, "-m", "training", "--corpus", str(corpus), "--out", "models/m", "--checkpoint-dir", "ck",
         "--log-dir", "logs", "--units", "16", "--embedding-dim", "8", "--seq-len", "16", "--batch-size", "8",
-        "--max-steps-per-epoch", "3", "--epochs", str(epochs), "--sample-tokens", "4", *extra,
+        *per_epoch, "--sample-tokens", "4", *extra,
     ]  # fmt: skip
     procs = [
         subprocess.Popen(
@@ -76,6 +79,26 @@ def test_two_workers_train_in_sync_and_exactly_one_version_is_exported(tmp_path:
     assert "resuming after epoch 2 of 3" in chief.stderr and "resuming after epoch 2 of 3" in worker.stderr
     assert [line.split()[3] for line in _epoch_lines(chief.stderr)] == ["3/3:"]
     assert sorted(os.listdir(tmp_path / "models" / "m")) == ["1", "2"]
+
+
+def _step_lines(stderr: str) -> list[str]:
+    """Each validation's line up to the clock, which differs between the workers."""
+    return [line.split(";")[0] for line in stderr.splitlines() if line.startswith("textgen train: step ")]
+
+
+@pytest.mark.timeout(900)
+def test_two_workers_follow_the_chiefs_plan_of_a_budgeted_run(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(embedded_text()[:15_000], encoding="utf-8")
+    chief, worker = _run_two_workers(tmp_path, corpus, None, "--time-budget", "30s", "--validation-fraction", "0.1")
+    assert chief.returncode == 0, chief.stderr[-3000:]
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    # The same steps, the same all-reduced losses and the same validations on both: one plan, one model.
+    assert len(_step_lines(chief.stderr)) >= 3
+    assert _step_lines(chief.stderr) == _step_lines(worker.stderr)
+    assert os.listdir(tmp_path / "models" / "m") == ["1"]
+    info = json.loads((tmp_path / "models" / "m" / "1" / "assets" / "model.json").read_text())
+    assert info["distribution"]["num_workers"] == 2 and info["steps_completed"] == info["plan"]["total_steps"]
 
 
 def test_tf_config_parsing() -> None:
