@@ -3,7 +3,8 @@
 The baseline is ``--preset small`` as the presets train (constant learning
 rate, Adam, per-variable clipping at 5.0, fresh windows) inside the same
 budget. Each variant changes one thing; ``defaults`` is a budgeted run with
-no flags (every change its rule or default picks). Every run is a real
+no flags (every change its rule or default picks), ``small`` the same with
+``--preset small``'s network. Every run is a real
 ``textgen train`` process; the table gives its validation bits per token in
 both protocols (evaluate.py), the difference from the baseline and its wall
 time from process start against the budget.
@@ -50,6 +51,7 @@ VARIANTS: dict[str, list[str]] = {
     "clipping": _with("--clipping", "global"),
     "stateful": [*BASELINE[:-1], "--stateful"],
     "defaults": [],
+    "small": ["--preset", "small"],  # the defaults with the preset's network instead of the sizing rule's
 }
 
 
