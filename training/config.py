@@ -50,19 +50,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# A budgeted run (--time-budget) without --preset: the settings the sizing rule does not choose.
-# The schedule, optimiser and stateful settings are the ones docs/training.md#what-each-change-buys
-# measured best.
+# A budgeted run (--time-budget) without --preset: small's windows, batch and learning rate (the
+# sizing rule replaces its network), and the schedule, optimiser and stateful settings that
+# docs/training.md#what-each-change-buys measured best.
 BUDGET_DEFAULTS: dict[str, Any] = {
+    **PRESETS["small"],
     "epochs": 1,  # unused: a budgeted run counts steps
-    "seq_len": 100,
-    "stride": 50,
-    "layers": 2,
-    "units": 320,
-    "embedding_dim": 64,
-    "batch_size": 64,
-    "dropout": 0.1,
-    "learning_rate": 0.004,
     "schedule": "wsd",
     "weight_decay": 0.0,
     "clipping": "per-variable",

@@ -10,7 +10,8 @@ Dropout (``--dropout``) sits on every non-recurrent connection, as in Zaremba
 et al.'s LSTM language models: a ``Dropout`` layer before each recurrent layer
 (``dropout_0`` on the embedding) and one before the logits, with a new mask
 at every position. The recurrent connections carry none: that keeps the
-recurrent layers' own loop free of masks (a third faster on a CPU).
+recurrent layers' own loop free of masks, which is cheaper per step on a CPU
+(``benchmarks/train_step.py``).
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
 ``train(config, placement)`` does the whole job and returns a ``TrainResult``.
 Everything a user can get wrong (corpus, windows, a checkpoint from another
-run) is checked in ``prepare`` before anything is written. Each finished epoch
-leaves a checkpoint (``epoch-NNNN.weights.h5``, model and optimizer state) and
-then ``progress.json`` naming it, both written to a temporary name and renamed,
-so a run killed at any moment resumes from its last finished epoch.
-Under a multi-worker strategy every worker trains; only the chief writes
-checkpoints, TensorBoard logs and the exported version.
+run) is checked in ``prepare`` before anything is written. Without a budget
+the run is epochs (``fit``, early stopping, a checkpoint per finished epoch);
+with ``--time-budget`` it is ``budgeted.fit_budgeted``'s planned steps. Either
+way ``checkpoints.py`` writes each checkpoint atomically, so a run killed at
+any moment resumes from its last one. Under a multi-worker strategy every
+worker trains; only the chief writes checkpoints, TensorBoard logs and the
+exported version.
 """
 
 from __future__ import annotations
