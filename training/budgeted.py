@@ -7,9 +7,10 @@ in both protocols (``evaluate.py``), logs one progress line, writes TensorBoard
 scalars, keeps the best weights and checkpoints (``progress.json`` holds the
 steps done and the seconds of the budget used, so ``--resume`` continues with
 what is left). After each validation it plans again from the measured step
-time, so a machine that slows down or speeds up still ends on time. Under a
-multi-worker strategy every worker runs the same loop and the chief's plan is
-shared with an all-reduce; the batch is split across the replicas.
+time, so a machine that slows down or speeds up still ends on time. A
+budgeted run trains on one replica: workers that time themselves plan
+different steps, and each step is a collective (the CLI refuses a strategy
+with several replicas).
 """
 
 from __future__ import annotations
@@ -92,15 +93,7 @@ class StepRunner:
         self._step = step
 
     def _split(self, array: np.ndarray) -> Any:
-        if self.replicas == 1:
-            return tf.constant(array)
-        rows = len(array) // self.replicas
-
-        def value(ctx: tf.distribute.experimental.ValueContext) -> tf.Tensor:
-            i = ctx.replica_id_in_sync_group
-            return tf.constant(array[i * rows : (i + 1) * rows])
-
-        return self.strategy.experimental_distribute_values_from_function(value)
+        return tf.constant(array)  # one replica (the CLI refuses more)
 
     def zero_state(self, rows: int) -> Any:
         return self._split(np.zeros([rows, self.config.state_size], np.float32))
@@ -108,18 +101,6 @@ class StepRunner:
     def __call__(self, x: np.ndarray, y: np.ndarray, state: Any) -> tuple[float, Any]:
         loss, state = self._step(self._split(x), self._split(y), state)
         return float(loss), state
-
-
-def agree(strategy: Any, value: float) -> float:
-    """The chief's ``value`` on every worker (an all-reduce where only global replica 0 contributes)."""
-    if int(strategy.num_replicas_in_sync) == 1:
-        return value
-
-    def contribute() -> tf.Tensor:
-        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
-        return tf.where(first, tf.constant(value, tf.float64), tf.constant(0.0, tf.float64))
-
-    return float(strategy.reduce("SUM", strategy.run(contribute), axis=None))
 
 
 def _clock(seconds: float) -> str:
@@ -228,11 +209,13 @@ def fit_budgeted(
             ", best" if improved else "",
         )
 
-    # Probe: untimed steps (tracing), timed steps, one validation; then plan.
+    # Probe: untimed steps (tracing), timed steps, one validation; then plan. Workers must run the
+    # same number of steps (each is a collective), so with several replicas the probe counts steps.
+    alone = int(strategy.num_replicas_in_sync) == 1
     for _ in range(UNTIMED_STEPS):
         train_one()
     started, timed = clock(), 0
-    while timed < PROBE_STEPS or clock() - started < probe_seconds(deadline.budget_s):
+    while timed < PROBE_STEPS or (alone and clock() - started < probe_seconds(deadline.budget_s)):
         train_one()
         timed += 1
     step_s = (clock() - started) / timed
@@ -249,9 +232,6 @@ def fit_budgeted(
         validation_s=validation_s,
         reserve_s=export_reserve(deadline.budget_s) + final_s,
     )
-    total = int(agree(strategy, float(run_plan.total_steps)))
-    if total != run_plan.total_steps:
-        run_plan = replan(run_plan, total_steps=total)
     progress.plan = run_plan.describe()
     log.info(
         "plan: %d steps (%.3f s each), a validation every %d steps (%.1f s each), warm-up %d steps, "
@@ -267,10 +247,9 @@ def fit_budgeted(
     # shared machine does not swing the plan (and the schedule with it).
     train_time, train_steps, interval_start, first = 0.0, 0, clock(), step
     validation_time, validations = validation_s, 1
-    alone = int(strategy.num_replicas_in_sync) == 1
     while step < run_plan.total_steps:
         train_one()
-        # Alone, a run that falls far behind its plan stops at once; workers stop where they agreed.
+        # A run that falls far behind its plan stops at once, to export on time.
         late = alone and deadline.remaining() < run_plan.reserve_s / 2
         at_end = step >= run_plan.total_steps or late
         if late:
@@ -283,7 +262,7 @@ def fit_budgeted(
             validation_time, validations = validation_time + clock() - started, validations + 1
             if not at_end:
                 total = plan_from_now(run_plan, deadline, step, train_time / train_steps, validation_time / validations)
-                run_plan = replan(run_plan, total_steps=int(agree(strategy, float(total))))
+                run_plan = replan(run_plan, total_steps=total)
             interval_start = clock()
     progress.plan = run_plan.describe()
     if whole is not None:
@@ -315,6 +294,7 @@ def size_for_budget(
 ) -> TrainConfig:
     """``config`` with the layers, units, embedding and dropout of ``sizing.choose`` (kept in ``progress``)."""
     if not progress.sizing:
+        alone = int(strategy.num_replicas_in_sync) == 1  # workers probe the same number of steps
         batches = make_batches(config, train_ids)
         times = []
         for layers, units in sizing.PROBES:
@@ -327,7 +307,7 @@ def size_for_budget(
             for step in range(UNTIMED_STEPS):
                 runner(*batches(step), state)
             started, timed = clock(), 0
-            while timed < PROBE_STEPS or clock() - started < probe_seconds(deadline.budget_s) / 2:
+            while timed < PROBE_STEPS or (alone and clock() - started < probe_seconds(deadline.budget_s) / 2):
                 runner(*batches(UNTIMED_STEPS + timed), state)
                 timed += 1
             times.append((clock() - started) / timed)
@@ -340,10 +320,6 @@ def size_for_budget(
             probe_step_s=probe_s,
             tokens_per_step=config.batch_size * config.seq_len,
         )
-        index = int(agree(strategy, float(sizing.CANDIDATES.index((choice.layers, choice.units)))))
-        if sizing.CANDIDATES[index] != (choice.layers, choice.units):  # another worker's clock chose
-            layers, units = sizing.CANDIDATES[index]
-            choice = dataclasses.replace(choice, layers=layers, units=units)
         progress.sizing = {
             "layers": choice.layers,
             "units": choice.units,

@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepared = prepare(config)
         placement = choose_strategy(os.environ, mixed_precision=config.mixed_precision)
-        if config.stateful and placement.strategy.num_replicas_in_sync != 1:
+        replicas = placement.strategy.num_replicas_in_sync
+        if config.time_budget is not None and replicas != 1:
             raise UsageError(
-                f"--stateful trains on one replica, but the strategy has {placement.strategy.num_replicas_in_sync}"
+                f"--time-budget trains on one replica, but the strategy has {replicas} "
+                f"({placement.describe()['strategy']}); train across workers with --epochs"
             )
     except (UsageError, CorpusError, WindowError, ClusterError) as exc:
         print(f"textgen train: error: {exc}", file=sys.stderr)

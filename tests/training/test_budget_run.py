@@ -68,7 +68,7 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
 def test_without_size_flags_the_sizing_rule_chooses_and_says_why(tmp_path: Path, corpus_file: Path) -> None:
     argv = [
         "--corpus", str(corpus_file), "--out", str(tmp_path / "m"), "--checkpoint-dir", str(tmp_path / "ck"),
-        "--log-dir", str(tmp_path / "logs"), "--validation-fraction", "0.1", "--time-budget", "20s",
+        "--log-dir", str(tmp_path / "logs"), "--validation-fraction", "0.1", "--time-budget", "40s",
         "--seq-len", "16", "--batch-size", "8", "--sample-tokens", "0",
     ]  # fmt: skip
     run = _run(*argv)

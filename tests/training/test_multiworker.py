@@ -81,24 +81,14 @@ def test_two_workers_train_in_sync_and_exactly_one_version_is_exported(tmp_path:
     assert sorted(os.listdir(tmp_path / "models" / "m")) == ["1", "2"]
 
 
-def _step_lines(stderr: str) -> list[str]:
-    """Each validation's line up to the clock, which differs between the workers."""
-    return [line.split(";")[0] for line in stderr.splitlines() if line.startswith("textgen train: step ")]
-
-
-@pytest.mark.timeout(900)
-def test_two_workers_follow_the_chiefs_plan_of_a_budgeted_run(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+def test_a_budgeted_run_across_workers_is_refused_naming_the_flag(tmp_path: Path) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(embedded_text()[:15_000], encoding="utf-8")
-    chief, worker = _run_two_workers(tmp_path, corpus, None, "--time-budget", "30s", "--validation-fraction", "0.1")
-    assert chief.returncode == 0, chief.stderr[-3000:]
-    assert worker.returncode == 0, worker.stderr[-3000:]
-    # The same steps, the same all-reduced losses and the same validations on both: one plan, one model.
-    assert len(_step_lines(chief.stderr)) >= 3
-    assert _step_lines(chief.stderr) == _step_lines(worker.stderr)
-    assert os.listdir(tmp_path / "models" / "m") == ["1"]
-    info = json.loads((tmp_path / "models" / "m" / "1" / "assets" / "model.json").read_text())
-    assert info["distribution"]["num_workers"] == 2 and info["steps_completed"] == info["plan"]["total_steps"]
+    for run in _run_two_workers(tmp_path, corpus, None, "--time-budget", "30s", "--validation-fraction", "0.1"):
+        assert run.returncode == 2, run.stderr[-3000:]
+        assert "--time-budget trains on one replica, but the strategy has 2" in run.stderr
+    assert not (tmp_path / "models").exists()
 
 
 def test_tf_config_parsing() -> None:
