@@ -44,9 +44,6 @@ class WindowBatches:
         self._order_epoch = -1
         self._order = self.starts
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def starts_new_epoch(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0
 
@@ -80,9 +77,6 @@ class StreamBatches:
             )
         self._rows = np.arange(batch)[:, None] * self.piece
         self._offsets = np.arange(seq_len + 1)
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
 
     def starts_new_epoch(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0

@@ -66,13 +66,12 @@ def make_batches(config: TrainConfig, ids: np.ndarray) -> WindowBatches | Stream
 
 
 class StepRunner:
-    """One optimizer step over the replicas of ``strategy``, from NumPy batches and a carried state."""
+    """One optimizer step under ``strategy`` (one replica), from NumPy batches and a carried state."""
 
     def __init__(self, model: keras.Model, model_config: ModelConfig, strategy: Any) -> None:
         self.model = model
         self.config = model_config
         self.strategy = strategy
-        self.replicas = int(strategy.num_replicas_in_sync)
         per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
         optimizer = model.optimizer
 
@@ -80,8 +79,7 @@ class StepRunner:
             with tf.GradientTape() as tape:
                 logits, new_state = forward(model, model_config, x, state, training=True)
                 loss = tf.reduce_mean(per_token(y, logits))
-                scaled = loss / float(self.replicas)  # the optimizer sums the replicas' gradients
-            grads = tape.gradient(scaled, model.trainable_variables)
+            grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
             return loss, tf.stop_gradient(new_state)
 
@@ -92,14 +90,11 @@ class StepRunner:
 
         self._step = step
 
-    def _split(self, array: np.ndarray) -> Any:
-        return tf.constant(array)  # one replica (the CLI refuses more)
-
     def zero_state(self, rows: int) -> Any:
-        return self._split(np.zeros([rows, self.config.state_size], np.float32))
+        return tf.zeros([rows, self.config.state_size], tf.float32)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, state: Any) -> tuple[float, Any]:
-        loss, state = self._step(self._split(x), self._split(y), state)
+        loss, state = self._step(tf.constant(x), tf.constant(y), state)
         return float(loss), state
 
 
@@ -125,8 +120,6 @@ def fit_budgeted(
     """Train until the plan's last step (or the deadline's reserve), validating and checkpointing as planned."""
     assert config.time_budget is not None
     batches = make_batches(config, train_ids)
-    if batches.stateful and int(strategy.num_replicas_in_sync) != 1:
-        raise ValueError("--stateful trains on one replica")
     if len(validation_ids) == 0:
         raise ValueError("a budgeted run validates: --validation-fraction must be above 0")
     evaluator = Evaluator(model, model_config, validation_ids, max_tokens=VALIDATION_SAMPLE_TOKENS)
@@ -209,13 +202,11 @@ def fit_budgeted(
             ", best" if improved else "",
         )
 
-    # Probe: untimed steps (tracing), timed steps, one validation; then plan. Workers must run the
-    # same number of steps (each is a collective), so with several replicas the probe counts steps.
-    alone = int(strategy.num_replicas_in_sync) == 1
+    # Probe: untimed steps (tracing), timed steps, one validation; then plan.
     for _ in range(UNTIMED_STEPS):
         train_one()
     started, timed = clock(), 0
-    while timed < PROBE_STEPS or (alone and clock() - started < probe_seconds(deadline.budget_s)):
+    while timed < PROBE_STEPS or clock() - started < probe_seconds(deadline.budget_s):
         train_one()
         timed += 1
     step_s = (clock() - started) / timed
@@ -250,7 +241,7 @@ def fit_budgeted(
     while step < run_plan.total_steps:
         train_one()
         # A run that falls far behind its plan stops at once, to export on time.
-        late = alone and deadline.remaining() < run_plan.reserve_s / 2
+        late = deadline.remaining() < run_plan.reserve_s / 2
         at_end = step >= run_plan.total_steps or late
         if late:
             log.warning("behind the plan: stopping at step %d of %d to export on time", step, run_plan.total_steps)
@@ -294,7 +285,6 @@ def size_for_budget(
 ) -> TrainConfig:
     """``config`` with the layers, units, embedding and dropout of ``sizing.choose`` (kept in ``progress``)."""
     if not progress.sizing:
-        alone = int(strategy.num_replicas_in_sync) == 1  # workers probe the same number of steps
         batches = make_batches(config, train_ids)
         times = []
         for layers, units in sizing.PROBES:
@@ -307,7 +297,7 @@ def size_for_budget(
             for step in range(UNTIMED_STEPS):
                 runner(*batches(step), state)
             started, timed = clock(), 0
-            while timed < PROBE_STEPS or (alone and clock() - started < probe_seconds(deadline.budget_s) / 2):
+            while timed < PROBE_STEPS or clock() - started < probe_seconds(deadline.budget_s) / 2:
                 runner(*batches(UNTIMED_STEPS + timed), state)
                 timed += 1
             times.append((clock() - started) / timed)
