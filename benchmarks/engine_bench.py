@@ -159,16 +159,17 @@ def _decoder_runner(decoder: Decoder, temperature: float, k: int) -> StepRunner:
             tf.range(1, batch + 1, dtype=tf.int64),  # seeds
         )
         steps, forced, left = tf.constant(k, tf.int32), tf.zeros([batch, k], tf.int32), tf.zeros([batch], tf.int32)
+        source = tf.range(batch)  # every row continues its own state
         position = 0
 
         def one() -> None:
             nonlocal tokens, state, position
             pos = tf.fill([batch], np.int64(position))
-            if k == 1:
+            if k == 1 and decoder.xla is None:
                 ids, _logprobs, state = decoder.decode(tokens, state, *params, pos)
                 tokens = tf.constant(ids.numpy())
             else:
-                ids, _logprobs, state = decoder.decode_steps(tokens, state, *params, pos, steps, forced, left)
+                ids, _logprobs, state = decoder.decode_steps(tokens, state, *params, pos, steps, forced, left, source)
                 tokens = tf.constant(ids.numpy()[-1])
             position += k
 
@@ -280,14 +281,23 @@ def _argmax_runner(path: str, state_size: int) -> StepRunner:
 def measure_variants(bench: BenchModel, config: EngineBenchConfig) -> dict[str, Any]:
     """Tokens/s of decode variants at a few batch sizes: no sampler, and the server's K steps per call.
 
-    The sampled variants are the server's own ``Decoder.decode`` (K = 1) and ``Decoder.decode_steps``.
+    The sampled variants are the server's own ``Decoder.decode`` (K = 1) and ``Decoder.decode_steps``,
+    op by op and XLA-compiled (``--xla on``, compiled for these batch sizes before timing).
     """
+    from service.config import XlaShapes
+    from service.decoder import Decoder
+
     decoder = load_decoder(bench.path)
-    variants = [("step + argmax, 1 step per call", 1, False)]
-    variants += [(f"step + sampler, {k} steps per call", k, True) for k in config.steps_per_call]
+    variants = [("step + argmax, 1 step per call", 1, False, False)]
+    variants += [(f"step + sampler, {k} steps per call", k, True, False) for k in config.steps_per_call]
+    variants += [(f"step + sampler, {k} steps per call, XLA", k, True, True) for k in config.steps_per_call]
     keys, cases = [], []
-    for name, k, sampled in variants:
-        if sampled:
+    for name, k, sampled, xla in variants:
+        if xla:
+            compiled = Decoder(decoder.checked, XlaShapes(tuple(sorted(set(config.variant_batch_sizes))), k))
+            compiled.warm_up([])
+            runner = _decoder_runner(compiled, config.temperature, k)
+        elif sampled:
             runner = _decoder_runner(decoder, config.temperature, k)
         else:
             runner = _argmax_runner(bench.path, bench.state_size)

@@ -1,11 +1,15 @@
 """The running rows of one model version: their arrays, joining, compaction, and the call budget.
 
 A ``Batch`` keeps one entry per running sequence in row-aligned NumPy arrays (next token to feed,
-sampling parameters, position, deadline, prompt tokens still to read) and one state tensor
-``(rows, S)``. Rows join at the end with a zero state (``join_riding``) and finished rows leave in
-one gather (``compact``), so the state is copied once per change, never per step. A row reads its
+sampling parameters, position, deadline, prompt tokens still to read, and ``source``: which row of
+the last call's state tensor each row continues, -1 for a zero state). Rows join at the end
+(``join_riding``) and finished rows leave (``compact``) by indexing those arrays only; the next
+K-step call selects its rows from the state in its own graph, so joins and leaves cost no
+TensorFlow op of their own (other calls select them first, one op, ``live_state``). A row reads its
 prompt either in slices (``prompt_slice``, ``advance_slice``: while no row of the batch generates)
-or riding in the decode batch, one token per step (``feed_prompts``, ``forced_prompts``).
+or riding in the decode batch, one token per step (``feed_prompts``, ``forced_prompts``). A version
+whose ``decode_steps`` XLA compiled runs at a padded batch size (``padded_rows``): the inputs get
+padding rows, and the state keeps the call's padding rows after the batch's.
 
 ``CallBudget`` decides how many decode steps one model call makes (K): ``steps_per_call``, cut so
 that a call takes at most ``call_budget`` seconds by the batch's measured step time. It is plain
@@ -108,13 +112,17 @@ class CallBudget:
 class Batch:
     """The running rows of one (model, version) and their state, row-aligned."""
 
-    ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left")
+    ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left", "source")
 
     def __init__(self, model: LoadedModel, budget: CallBudget) -> None:
         self.model = model
         self.budget = budget
         self.rows: list[Row] = []
-        self.state: Any = None  # tf.Tensor (rows, S), None while empty
+        # Row i's state is row source[i] of ``state`` (-1: zeros, a row that joined since the last call):
+        # joins and compactions only index ``source``; the next call selects the rows in its graph.
+        self.state: Any = None  # tf.Tensor (any rows, S); None before the first call
+        self.source = np.zeros(0, np.int32)
+        self._selected = True  # whether source is 0..rows-1 and ``state`` has exactly the batch's rows
         self.tokens = np.zeros(0, np.int32)  # the next token to feed each row
         self.temperature = np.zeros(0, np.float32)
         self.top_k = np.zeros(0, np.int32)
@@ -132,15 +140,53 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sampling_tensors(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(temperature, top_k, top_p, seed) as tensors, converted once per change of rows."""
-        if self.params_t is None:
-            self.params_t = tuple(tf.constant(a) for a in (self.temperature, self.top_k, self.top_p, self.seed))
+    def padded_rows(self) -> int:
+        """The rows a call runs with: the compiled batch size above the batch's (XLA), else the batch's own."""
+        xla = self.model.decoder.xla
+        return len(self.rows) if xla is None else xla.padded(len(self.rows))
+
+    def sampling_tensors(self, rows: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(temperature, top_k, top_p, seed) as tensors of ``rows`` rows (default: the batch's), converted
+        once per change of rows; padding rows are greedy."""
+        if self.params_t is None or self.params_t[0].shape[0] != (rows or len(self.rows)):
+            n = rows or len(self.rows)
+            self.params_t = (
+                tf.constant(padded(self.temperature, n)),
+                tf.constant(padded(self.top_k, n)),
+                tf.constant(padded(self.top_p, n, fill=1.0)),
+                tf.constant(padded(self.seed, n)),
+            )
             self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
         return self.params_t
 
     def tokens_tensor(self) -> tf.Tensor:
         return self.tokens_t if self.tokens_t is not None else tf.constant(self.tokens)
+
+    def set_state(self, state: tf.Tensor) -> None:
+        """A call's new state: row i is the batch's row i (rows after the batch's are an XLA call's padding)."""
+        self.state = state
+        self.source = np.arange(len(self.rows), dtype=np.int32)
+        self._selected = state.shape[0] == len(self.rows)
+
+    def live_state(self) -> tf.Tensor:
+        """The batch's rows' state, exactly one row each (one op selects them after rows joined or left)."""
+        if self.state is None:
+            self.set_state(tf.zeros([len(self.rows), self.model.state_size], tf.float32))
+        elif not self._selected:
+            self.set_state(self.model.decoder.select_state(self.state, tf.constant(self.source)))
+        return self.state
+
+    def steps_state(self, rows: int) -> tuple[tf.Tensor, np.ndarray]:
+        """``(state, source)`` for a ``decode_steps`` call of ``rows`` rows, ``source`` padded with -1.
+
+        An XLA call takes a state of exactly ``rows`` rows (its compiled shape): when the padded size
+        changed, one op selects the rows first; otherwise the call selects them itself.
+        """
+        if self.state is None:
+            self.state = tf.zeros([rows, self.model.state_size], tf.float32)  # every row's source is -1
+        elif self.model.decoder.xla is not None and self.state.shape[0] != rows:
+            self.set_state(self.model.decoder.select_state(self.state, tf.constant(padded(self.source, rows, -1))))
+        return self.state, padded(self.source, rows, -1)
 
     def expired(self, now: float) -> list[Row]:
         """Rows whose deadline has passed."""
@@ -148,12 +194,11 @@ class Batch:
 
     def join_riding(self, rows: list[Row]) -> None:
         """New rows join with a zero state, feeding their prompt one token per step."""
-        n = len(rows)
         first = np.array([r.request.prompt_ids[0] for r in rows], np.int32)
         left = np.array([len(r.request.prompt_ids) - 1 for r in rows], np.int64)
-        self._append(rows, first, left, tf.zeros([n, self.model.state_size], tf.float32))
+        self._append(rows, first, left)
 
-    def _append(self, rows: list[Row], first: np.ndarray, left: np.ndarray, state: Any) -> None:
+    def _append(self, rows: list[Row], first: np.ndarray, left: np.ndarray) -> None:
         requests = [r.request for r in rows]
         add = {
             "tokens": first,
@@ -164,15 +209,16 @@ class Batch:
             "position": np.zeros(len(rows), np.int64),
             "deadline": np.array([np.inf if q.deadline is None else q.deadline for q in requests], np.float64),
             "prompt_left": left,
+            "source": np.full(len(rows), -1, np.int32),
         }
         for name in self.ARRAYS:
             setattr(self, name, np.concatenate([getattr(self, name), add[name]]))
-        self.state = state if self.state is None or not self.rows else tf.concat([self.state, state], 0)
         self.rows.extend(rows)
+        self._selected = False
         self.params_t = self.tokens_t = None
 
     def compact(self) -> None:
-        """Drop finished rows: one gather of the state, one fancy index per array."""
+        """Drop finished rows: one fancy index per array (the next call selects the state's rows)."""
         if not any(r.done for r in self.rows):
             return
         keep = [i for i, r in enumerate(self.rows) if not r.done]
@@ -180,7 +226,9 @@ class Batch:
         index = np.array(keep, np.int64)
         for name in self.ARRAYS:
             setattr(self, name, getattr(self, name)[index])
-        self.state = tf.gather(self.state, index) if keep else None
+        self._selected = False
+        if not keep:
+            self.state = None
         self.params_t = self.tokens_t = None
 
     def reading(self) -> bool:
@@ -238,22 +286,22 @@ class Batch:
         self.tokens_t = None
         return np.nonzero(~prompting)[0]
 
-    def forced_prompts(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """For a K-step call: ``(forced[rows, k], left[rows])``, the prompt tokens each row is fed in the graph.
+    def forced_prompts(self, k: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For a K-step call: ``(forced[rows, width], left[rows])``, the prompt tokens each row is fed in the graph.
 
         A row with ``n`` prompt tokens left is fed the next ``min(n, k)`` of them and generates
-        from step ``n`` on.
+        from step ``n`` on. ``width`` (at least ``k``, default ``k``) is ``forced``'s fixed width
+        for an XLA call; the columns after ``k`` are 0.
         """
         left = np.minimum(self.prompt_left, k).astype(np.int32)
-        forced = np.zeros((len(self.rows), k), np.int32)
+        forced = np.zeros((len(self.rows), width or k), np.int32)
         for i in np.nonzero(left)[0].tolist():
             row = self.rows[i]
             forced[i, : left[i]] = row.request.prompt_ids[row.cursor : row.cursor + int(left[i])]
         return forced, left
 
-    def advance_prompts(self, forced: np.ndarray, left: np.ndarray) -> None:
-        """After a K-step call: move each row's prompt cursor past what the call fed it."""
-        k = forced.shape[1]
+    def advance_prompts(self, forced: np.ndarray, left: np.ndarray, k: int) -> None:
+        """After a ``k``-step call: move each row's prompt cursor past what the call fed it."""
         for i in np.nonzero(left)[0].tolist():
             self.rows[i].cursor += int(left[i])
             if left[i] == k:  # read its prompt for the whole call: the last token it was given is fed next
@@ -279,3 +327,12 @@ class Batch:
         elif len(which):
             self.tokens[which] = ids[which]
             self.position[which] += 1
+
+
+def padded(values: np.ndarray, rows: int, fill: float = 0) -> np.ndarray:
+    """``values`` (one entry per row, first axis) with ``fill`` rows added up to ``rows`` rows."""
+    if len(values) == rows:
+        return values
+    out = np.full((rows, *values.shape[1:]), fill, values.dtype)
+    out[: len(values)] = values
+    return out

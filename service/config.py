@@ -8,6 +8,7 @@ is pure (it reads only what it is given), so tests and two in-process servers bu
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -36,6 +37,58 @@ class EngineConfig:
     # runs (always at once when it goes idle): on a fast model the cross-thread wake-up, not the
     # model, is the cost of a step. Not a flag.
     wake_interval: float = 0.002
+
+
+# The smallest padded batch: below it a call costs about the same whatever its rows.
+MIN_PADDED_BATCH = 8
+
+
+def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes an XLA decode is compiled for, up to ``max_batch_size`` (always the last one).
+
+    8, 16, 32, 64, then alternately x1.5 and x4/3 (96, 128, 192, 256, 384, ...): a call pads its
+    rows to the next size, at most a third more rows than it has above 64, and a server with the
+    default 256 rows compiles 8 sizes.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    sizes: list[int] = []
+    size = MIN_PADDED_BATCH
+    while size < max_batch_size:
+        sizes.append(size)
+        size = size * 2 if size < 64 else (size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3)
+    sizes.append(max_batch_size)
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class XlaShapes:
+    """The fixed shapes of the XLA-compiled ``decode_steps``: padded batch sizes and the most steps per call.
+
+    XLA compiles one program per input shape, so a call's rows are padded up to the next of
+    ``batch_sizes`` (each compiled during warm-up) and ``forced`` is always ``max_steps`` wide; the
+    number of steps a call makes stays a run-time value.
+    """
+
+    batch_sizes: tuple[int, ...]
+    max_steps: int
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or list(self.batch_sizes) != sorted(set(self.batch_sizes)) or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be ascending positive sizes, got {self.batch_sizes}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+    @classmethod
+    def for_server(cls, max_batch_size: int, steps_per_call: int) -> XlaShapes:
+        return cls(padded_batch_sizes(max_batch_size), steps_per_call)
+
+    def padded(self, rows: int) -> int:
+        """The compiled batch size a call of ``rows`` rows runs at (``ValueError`` above the largest)."""
+        at = bisect.bisect_left(self.batch_sizes, rows)
+        if at == len(self.batch_sizes):
+            raise ValueError(f"{rows} rows is more than the largest compiled batch size {self.batch_sizes[-1]}")
+        return self.batch_sizes[at]
 
 
 @dataclass(frozen=True)
@@ -86,6 +139,7 @@ class ServerConfig:
     malloc_mmap_threshold: int = 131072
     steps_per_call: int = 8
     call_budget_ms: float = 25.0
+    xla: str = "on"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -112,6 +166,11 @@ class ServerConfig:
             max_stop_sequences=self.max_stop_sequences,
             max_stop_length=self.max_stop_length,
         )
+
+    @property
+    def xla_shapes(self) -> XlaShapes | None:
+        """The shapes the K-step decode is XLA-compiled for, or None with ``--xla off``."""
+        return XlaShapes.for_server(self.max_batch_size, self.steps_per_call) if self.xla == "on" else None
 
     @property
     def warmup_batch_sizes(self) -> tuple[int, ...]:
@@ -210,6 +269,7 @@ def _problems(c: ServerConfig) -> list[str]:
             value,
             f"a number of seconds in [0, {_MAX_SECONDS}] (0 = off; gRPC takes it in int32 milliseconds)",
         )
+    need(c.xla in ("on", "off"), "xla", c.xla, "on or off")
     need(c.log_level.upper() in _LOG_LEVELS, "log_level", c.log_level, f"one of {', '.join(_LOG_LEVELS)}")
     return out
 
@@ -258,6 +318,8 @@ _HELP = {
     "usable CPU but one, at least 1; 0 = everything in one process)",
     "malloc_mmap_threshold": "bytes above which glibc maps each allocation on its own and unmaps it when freed, "
     "so memory of a large batch goes back to the OS (0 = glibc's own, rising threshold)",
+    "xla": "on: compile the K-step decode with XLA at padded batch sizes, each during warm-up (a small model's "
+    "call then costs several times less CPU); off: TensorFlow runs it op by op at any batch size",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

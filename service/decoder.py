@@ -14,7 +14,10 @@ Each is traced once (batch ``None``) and called as a concrete function: that ski
 It is called through its flat call (``_flat``), which also skips binding the arguments to the
 signature and casting each (about 0.2 ms a call): every caller passes tensors of the signature's types.
 ``warm_up`` runs every function at the batch sizes the engine will use before the version takes
-traffic. ``configure_devices`` and ``configure_cpu_threads`` set TensorFlow up before any op runs.
+traffic. Given ``XlaShapes``, ``decode_steps`` is compiled by XLA into one program per padded batch
+size (all of them during warm-up): on a CPU that makes a small model's call several times cheaper,
+since TensorFlow's per-op cost is most of it. ``configure_devices`` and ``configure_cpu_threads``
+set TensorFlow up before any op runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.types.experimental import ConcreteFunction
 
+from service.config import XlaShapes
 from training import contract
 from training.check import CheckedVersion, check_version, input_specs
 from training.sampler import SAMPLER_SIGNATURE, row_uniform, sample, sample_uniform
@@ -38,6 +42,7 @@ DECODE = "decode"
 DECODE_STEPS = "decode_steps"
 PREFILL = "prefill"
 PREFILL_FROM = "prefill_from"
+SELECT = "select_state"
 WARMUP_STEPS = 2  # decode_steps warms up with K > 1 and some rows reading a prompt
 
 _configured = threading.Lock()
@@ -75,8 +80,11 @@ def configure_devices() -> str:
         return device
 
 
-def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
-    """The sampler-fused functions over the version's signatures, as concrete functions."""
+def _build(checked: CheckedVersion, shapes: XlaShapes | None) -> dict[str, ConcreteFunction]:
+    """The sampler-fused functions over the version's signatures, as concrete functions.
+
+    With ``shapes``, ``decode_steps`` is compiled by XLA (``jit_compile``) for its fixed widths.
+    """
     step_fn = checked.step
     prefill_fn = checked.prefill
     prefill_from_fn = checked.prefill_from
@@ -96,21 +104,31 @@ def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
         ids, logprobs = sample(out["logits"], temperature, top_k, top_p, seed, position)
         return ids, logprobs, out["state"]
 
+    width = None if shapes is None else shapes.max_steps
+
     @tf.function(
         input_signature=[
             *decode_signature,
             tf.TensorSpec([], tf.int32, name="steps"),
-            tf.TensorSpec([None, None], tf.int32, name="forced"),
+            tf.TensorSpec([None, width], tf.int32, name="forced"),
             tf.TensorSpec([None], tf.int32, name="left"),
-        ]
+            tf.TensorSpec([None], tf.int32, name="source"),
+        ],
+        jit_compile=shapes is not None,
     )
-    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left):  # type: ignore[no-untyped-def]
+    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left, source):  # type: ignore[no-untyped-def]
+        # Row i continues row source[i] of the given state (-1: a zero state, a row that just
+        # joined): joins and compactions cost the engine no TensorFlow op of their own.
+        state = select_state(state, source)
         # A generating row feeds back its own sample at position + (i - left); a row still
         # reading its prompt is fed its next prompt token: exactly the tokens `steps` calls
         # of _decode would give (with the engine feeding prompts), in one call.
         # Every step's uniforms at once, before the loop: row_uniform(seed, position + generated) of
         # each (step, row), the same values a step computes for itself, with far fewer ops per step.
-        generated = tf.cast(tf.maximum(tf.range(steps)[:, None] - left[None, :], 0), tf.int64)  # (k, b)
+        # Under XLA every shape is fixed at compile time: the uniforms and outputs have `width`
+        # steps, the loop runs `steps` of them, and the rows after `steps` are zeros.
+        k = steps if width is None else width
+        generated = tf.cast(tf.maximum(tf.range(k)[:, None] - left[None, :], 0), tf.int64)  # (k, b)
         positions = position[None, :] + generated
         seeds = tf.broadcast_to(seed[None, :], tf.shape(positions))
         uniforms = tf.reshape(row_uniform(tf.reshape(seeds, [-1]), tf.reshape(positions, [-1])), tf.shape(positions))
@@ -125,13 +143,20 @@ def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
             tf.constant(0),
             tokens,
             state,
-            tf.TensorArray(tf.int32, size=steps),
-            tf.TensorArray(tf.float32, size=steps),
+            tf.TensorArray(tf.int32, size=k),
+            tf.TensorArray(tf.float32, size=k),
         ]
         _, _, state, ids_ta, logprobs_ta = tf.while_loop(lambda i, *_: i < steps, body, loop_vars)
         return ids_ta.stack(), logprobs_ta.stack(), state  # (k, b), (k, b), (b, S)
 
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, checked.state_size], tf.float32), tf.TensorSpec([None], tf.int32)]
+    )
+    def _select(state, source):  # type: ignore[no-untyped-def]
+        return select_state(state, source)
+
     functions = {
+        SELECT: _select.get_concrete_function(),
         DECODE: _decode.get_concrete_function(),
         PREFILL: _prefill.get_concrete_function(),
         DECODE_STEPS: _decode_steps.get_concrete_function(),
@@ -146,6 +171,12 @@ def _build(checked: CheckedVersion) -> dict[str, ConcreteFunction]:
 
         functions[PREFILL_FROM] = _prefill_from.get_concrete_function()
     return functions
+
+
+def select_state(state: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
+    """Row i of the result is row ``source[i]`` of ``state``, or zeros where ``source[i]`` is -1."""
+    picked = tf.gather(state, tf.maximum(source, 0))
+    return tf.where(source[:, None] >= 0, picked, tf.zeros_like(picked))
 
 
 def _flat(function: ConcreteFunction) -> Callable[..., Decoded]:
@@ -174,20 +205,22 @@ class Decoder:
     own logits, parameters, seed and position, never on its batch-mates.
     """
 
-    def __init__(self, checked: CheckedVersion) -> None:
+    def __init__(self, checked: CheckedVersion, xla: XlaShapes | None = None) -> None:
         self.checked = checked
-        self._functions = _build(checked)
+        self.xla = xla
+        self._functions = _build(checked, xla)
         self._decode = _flat(self._functions[DECODE])
         self._prefill = _flat(self._functions[PREFILL])
         self._decode_steps = _flat(self._functions[DECODE_STEPS])
+        self._select = self._functions[SELECT]
         prefill_from = self._functions.get(PREFILL_FROM)
         self._prefill_from = None if prefill_from is None else _flat(prefill_from)
         self._warmed: set[tuple[str, int]] = set()
 
     @classmethod
-    def load(cls, path: str) -> Decoder:
+    def load(cls, path: str, xla: XlaShapes | None = None) -> Decoder:
         """Check the version folder at ``path`` (``ContractError`` says what is wrong) and build its decoder."""
-        return cls(check_version(path))
+        return cls(check_version(path), xla)
 
     @property
     def state_size(self) -> int:
@@ -239,17 +272,29 @@ class Decoder:
         steps: tf.Tensor,
         forced: tf.Tensor,
         left: tf.Tensor,
+        source: tf.Tensor,
     ) -> Decoded:
         """K = ``steps`` decode steps in one call (one ``tf.while_loop``).
 
-        ``tokens`` int32[B], ``state`` float32[B,S], ``steps`` int32[], ``forced`` int32[B,K],
-        ``left`` int32[B] -> ``(ids int32[K,B], logprobs float32[K,B], state float32[B,S])``.
+        ``tokens`` int32[B], ``state`` float32[R,S], ``steps`` int32[], ``forced`` int32[B,K],
+        ``left`` int32[B], ``source`` int32[B] -> ``(ids int32[K,B], logprobs float32[K,B],
+        state float32[B,S])``. Row i starts from row ``source[i]`` of ``state`` (-1: zeros; R may
+        differ from B), as ``select_state`` gives.
+
+        Compiled by XLA (``xla`` set), B must be one of ``xla.batch_sizes`` (pad the rows: a padding
+        row's results are ignored), R equals B, ``forced`` is ``xla.max_steps`` wide and ids and
+        logprobs have ``xla.max_steps`` rows, of which the first ``steps`` are the call's.
+
         A row with ``left = n > 0`` is still reading its prompt: at steps 0..n-1 it is fed
         ``forced[:, i]`` (its next prompt tokens) instead of its sample, and it generates from
         step n on, with sampler position ``position + i - n``. Step i's ids are what K calls of
         ``decode`` would give.
         """
-        return self._decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left)
+        return self._decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left, source)
+
+    def select_state(self, state: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
+        """``state`` float32[R,S], ``source`` int32[B] -> float32[B,S]: row ``source[i]``, or zeros for -1."""
+        return self._select(state, source)
 
     def prefill(
         self,
@@ -290,8 +335,14 @@ class Decoder:
         return self._prefill_from(tokens, lengths, state, temperature, top_k, top_p, seed, position)
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
-        """Run every function once at each batch size (``decode_steps`` with K > 1, half its rows forced)."""
+        """Run every function once at each batch size (``decode_steps`` with K > 1, half its rows forced).
+
+        Compiled by XLA, ``decode_steps`` runs at ``xla.batch_sizes`` instead, each compiled now.
+        """
         start = self.checked.tokenizer.start_ids[0]
+        if self.xla is not None:
+            for batch in self.xla.batch_sizes:
+                self._warm_steps(batch, min(WARMUP_STEPS, self.xla.max_steps), self.xla.max_steps)
         for batch in sorted(set(batch_sizes)):
             if batch < 1:
                 raise ValueError(f"warm-up batch sizes must be at least 1, got {batch}")
@@ -304,16 +355,22 @@ class Decoder:
             if self.has_prefill_from:
                 self.prefill_from(tf.fill([batch, 2], start), tf.fill([batch], 2), state, *params)
                 self._warmed.add((PREFILL_FROM, batch))
-            left = tf.constant((np.arange(batch) % 2 == 0).astype(np.int32))  # rows 0, 2, ... read a prompt token
-            self.decode_steps(
-                tf.fill([batch], start),
-                state,
-                *params,
-                tf.constant(WARMUP_STEPS),
-                tf.fill([batch, WARMUP_STEPS], start),
-                left,
-            )
-            self._warmed.add((DECODE_STEPS, batch))
+            if self.xla is None:
+                self._warm_steps(batch, WARMUP_STEPS, WARMUP_STEPS)
+
+    def _warm_steps(self, batch: int, steps: int, width: int) -> None:
+        start = self.checked.tokenizer.start_ids[0]
+        left = tf.constant((np.arange(batch) % 2 == 0).astype(np.int32))  # rows 0, 2, ... read a prompt token
+        self.decode_steps(
+            tf.fill([batch], start),
+            tf.zeros([batch, self.state_size]),
+            *_greedy_params(batch),
+            tf.constant(steps),
+            tf.fill([batch, width], start),
+            left,
+            tf.range(batch),
+        )
+        self._warmed.add((DECODE_STEPS, batch))
 
 
 def _greedy_params(batch: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from service.batch import Batch, CallBudget, Request, Row
+from service.batch import Batch, CallBudget, Request, Row, padded
 from service.config import EngineConfig
 from service.errors import CapacityError, EngineClosedError
 from service.metrics import ServingMetrics, observe_weighted
@@ -301,10 +301,10 @@ class Engine:
         # the model call (which releases the GIL) instead of competing with the engine's own.
         self._flush_wakeups()
         started = time.perf_counter()
-        k = batch.budget.steps(len(batch))
+        k = 1 if self._waiting else batch.budget.steps(len(batch))  # requests waiting: join after one step
         if batch.reading() and (batch.model.decoder.has_prefill_from or batch.unread_from_start()):
             self._call_slice(batch, started)
-        elif k > 1 and not self._waiting:
+        elif k > 1 or batch.model.decoder.xla is not None:
             self._call_steps(batch, k, started)
         else:
             self._call_step(batch, started)
@@ -312,9 +312,10 @@ class Engine:
     def _call_step(self, batch: Batch, started: float) -> None:
         """One decode step for every row; rows reading their prompt are fed their next prompt token."""
         params = batch.sampling_tensors()
-        ids_t, logprobs_t, batch.state = batch.model.decoder.decode(
-            batch.tokens_tensor(), batch.state, *params, tf.constant(batch.position)
+        ids_t, logprobs_t, state = batch.model.decoder.decode(
+            batch.tokens_tensor(), batch.live_state(), *params, tf.constant(batch.position)
         )
+        batch.set_state(state)
         ids = ids_t.numpy()
         logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(len(ids), np.float32)
         self._record_call(batch, 1, len(batch), time.perf_counter() - started)
@@ -330,24 +331,29 @@ class Engine:
         from step ``n`` on; each generating row gets its tokens in order.
         """
         began = time.monotonic()
-        params = batch.sampling_tensors()
-        forced, left = batch.forced_prompts(k)
-        ids_t, logprobs_t, batch.state = batch.model.decoder.decode_steps(
-            batch.tokens_tensor(),
-            batch.state,
-            *params,
-            tf.constant(batch.position),
+        xla = batch.model.decoder.xla
+        n = len(batch)
+        rows = batch.padded_rows()  # an XLA call runs at a compiled batch size; padding rows are ignored
+        forced, left = batch.forced_prompts(k, None if xla is None else xla.max_steps)
+        state, source = batch.steps_state(rows)
+        ids_t, logprobs_t, state = batch.model.decoder.decode_steps(
+            tf.constant(padded(batch.tokens, rows)),
+            state,
+            *batch.sampling_tensors(rows),
+            tf.constant(padded(batch.position, rows)),
             tf.constant(k, tf.int32),
-            tf.constant(forced),
-            tf.constant(left),
+            tf.constant(padded(forced, rows)),
+            tf.constant(padded(left, rows)),
+            tf.constant(source),
         )
-        ids = ids_t.numpy()  # (k, rows)
-        logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(ids.shape, np.float32)
+        batch.set_state(state)
+        ids = ids_t.numpy()[:k, :n]  # (k, rows)
+        logprobs = logprobs_t.numpy()[:k, :n] if batch.want_logprobs else np.zeros(ids.shape, np.float32)
         self._record_call(batch, k, len(batch), time.perf_counter() - started)
         if self.outbox is not None:
             take = self._deliver_remote(batch, ids, logprobs, left.astype(np.int64), np.maximum(k - left, 0))
             batch.record_steps(ids, left, take)
-            batch.advance_prompts(forced, left)
+            batch.advance_prompts(forced, left, k)
             return
         # Inter-token latency: a row's tokens of this call arrive together, so each is given an
         # equal share of the time since its previous token (since the call began for a row with
@@ -362,7 +368,7 @@ class Engine:
             if len(live):
                 self._deliver(batch, ids[j], logprobs[j], live, shares)
                 done[live] = [batch.rows[i].done for i in live.tolist()]
-        batch.advance_prompts(forced, left)
+        batch.advance_prompts(forced, left, k)
 
     def _call_slice(self, batch: Batch, started: float) -> None:
         """No row generates: read the next ``PREFILL_SLICE`` prompt tokens of every row in one call.
@@ -379,9 +385,9 @@ class Engine:
             ids_t, logprobs_t, state = decoder.prefill(tf.constant(tokens), tf.constant(lengths), *params, position)
         else:
             ids_t, logprobs_t, state = decoder.prefill_from(
-                tf.constant(tokens), tf.constant(lengths), batch.state, *params, position
+                tf.constant(tokens), tf.constant(lengths), batch.live_state(), *params, position
             )
-        batch.state = state
+        batch.set_state(state)
         ids = ids_t.numpy()
         logprobs = logprobs_t.numpy() if batch.want_logprobs else np.zeros(len(ids), np.float32)
         self._record_call(batch, 1, len(batch), time.perf_counter() - started, timed=False)

@@ -179,6 +179,7 @@ class EngineHost:
             keep_versions=config.keep_versions,
             on_change=self._announce.set,
             warmup_batch_sizes=config.warmup_batch_sizes,
+            xla=config.xla_shapes,
         )
         self.engine = Engine(config.engine, self.metrics, self.outbox)
         self._router = self._context.socket(zmq.ROUTER)

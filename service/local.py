@@ -7,7 +7,7 @@ in this process, with the server's own code and defaults:
 * the flags (``service.client.build_parser``, one definition for both) become that request
   (``build_request``), checked by ``validate_request`` against ``ServerConfig()``'s limits;
 * the version is loaded as the server loads it (``load_model``: the contract check, the decode
-  functions of ``service/decoder.py``, their warm-up);
+  functions of ``service/decoder.py``, XLA-compiled as the server's are, their warm-up);
 * the prompt and stop sequences go through ``service/prompt.py``;
 * one in-process ``Engine`` built from ``ServerConfig().engine`` (K steps per call, the call
   budget) runs it, and each ``Chunk``'s text is written to stdout as it arrives.
@@ -37,7 +37,7 @@ from service.client import (
     request_params,
     summary_line,
 )
-from service.config import ServerConfig
+from service.config import ServerConfig, XlaShapes
 from service.decoder import configure_devices
 from service.engine import Engine
 from service.model_repository import LoadedModel, load_model
@@ -118,6 +118,11 @@ async def stream_text(
     return last
 
 
+def _one_row_xla(config: ServerConfig) -> XlaShapes | None:
+    """The server's XLA setting for a batch that never has more than one row (one compiled size)."""
+    return None if config.xla_shapes is None else XlaShapes.for_server(1, config.steps_per_call)
+
+
 def generate(model: LoadedModel, prompt: str, params: SamplingParams, out: TextIO) -> Chunk:
     """Run ``prompt`` through an engine with the server's configuration; the prompt and text go to ``out``.
 
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
     configure_devices()
     name, version = model_key(path)
     try:
-        model = load_model(name, version, path)
+        model = load_model(name, version, path, xla=_one_row_xla(ServerConfig()))
     except Exception as exc:  # ContractError, or whatever TensorFlow raises for an unreadable SavedModel
         why = failure_reason(exc)
         print(f"textgen generate: error: --model {args.model}: version {path} cannot be served: {why}", file=err)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from service import catalog
+from service.config import XlaShapes
 from service.decoder import Decoder, configure_devices
 from service.metrics import ServingMetrics
 from training.check import check_version, failure_reason
@@ -87,14 +88,18 @@ class LoadedModel:
             return self._streams == 0
 
 
-def load_model(name: str, version: int, path: str, warmup_batch_sizes: Iterable[int] = (1,)) -> LoadedModel:
+def load_model(
+    name: str, version: int, path: str, warmup_batch_sizes: Iterable[int] = (1,), xla: XlaShapes | None = None
+) -> LoadedModel:
     """Check one version folder against the contract, build its decoder and warm it up at every batch size.
+
+    With ``xla``, the K-step decode is XLA-compiled for those shapes (each compiled here).
 
     Raises ``ContractError`` (or whatever TensorFlow raises for an unreadable
     SavedModel) with a message saying what is wrong.
     """
     checked = check_version(path)
-    decoder = Decoder(checked)
+    decoder = Decoder(checked, xla)
     decoder.warm_up(set(warmup_batch_sizes) | {1})
     return LoadedModel(
         name=name,
@@ -149,6 +154,7 @@ class ModelRepository:
         poll_seconds: float = 0.0,
         keep_versions: int = 1,
         warmup_batch_sizes: Iterable[int] = (1, 8, 64),
+        xla: XlaShapes | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         if keep_versions < 1:
@@ -159,6 +165,7 @@ class ModelRepository:
         self.poll_seconds = poll_seconds
         self.keep_versions = keep_versions
         self.warmup_batch_sizes = tuple(warmup_batch_sizes)
+        self.xla = xla
         self.on_change = on_change
         self.device = configure_devices()
         self._lock = threading.Lock()
@@ -290,7 +297,7 @@ class ModelRepository:
                 continue  # known bad and unchanged
             began = time.monotonic()
             try:
-                model = load_model(name, version, path, self.warmup_batch_sizes)
+                model = load_model(name, version, path, self.warmup_batch_sizes, self.xla)
             except Exception as exc:  # a bad version never serves; any failure is reported, none escapes
                 self._failed[(name, version)] = fingerprint
                 reason = failure_reason(exc)

@@ -153,6 +153,7 @@ class Server:
                 # The decode functions take any batch size (one trace); warming up the largest
                 # batch too allocates its buffers before the first full step has to.
                 warmup_batch_sizes=config.warmup_batch_sizes,
+                xla=config.xla_shapes,
             )
             engine = Engine(config.engine, self.metrics)
             self.repository, self.engine, self.local = repository, engine, (repository, engine)

@@ -25,7 +25,12 @@ def test_flat_calls_equal_the_concrete_functions(tiny_model_repo) -> None:
     )
     tokens = tf.constant([3, 4, 5, 6, 7], tf.int32)
     slice_tokens, lengths = tf.constant(np.full([b, 4], 5, np.int32)), tf.constant([4, 1, 2, 3, 4], tf.int32)
-    steps = (tf.constant(k), tf.constant(np.full([b, k], 6, np.int32)), tf.constant([0, 1, 3, 0, 2], tf.int32))
+    steps = (
+        tf.constant(k),
+        tf.constant(np.full([b, k], 6, np.int32)),
+        tf.constant([0, 1, 3, 0, 2], tf.int32),
+        tf.constant([4, -1, 0, 1, 2], tf.int32),  # rows moved, and one new row (a zero state)
+    )
     calls = [
         (DECODE, decoder.decode, (tokens, state, *params)),
         (DECODE_STEPS, decoder.decode_steps, (tokens, state, *params, *steps)),

@@ -53,6 +53,7 @@ def test_every_field_has_a_flag_and_an_environment_variable() -> None:
         "max_receive_message_bytes": "100000",
         "malloc_mmap_threshold": "4096",
         "cors_allow_origin": "*",
+        "xla": "off",
     }
     # Fields that are only valid together with others (given as flags in both cases).
     companions = {
