@@ -45,6 +45,8 @@ from service.stream import EngineStream, FinishReason, LoopWaker, Outbox, Stream
 
 log = logging.getLogger(__name__)
 
+# How long the engine process's engine thread waits on its socket at a time while it has nothing to run.
+IDLE_PUMP_SECONDS = 0.1
 # The most prompt tokens per row one prefill call reads while no row generates: a call's length, and
 # so how late a cancel or deadline can free a row, is bounded by this many steps of the fused layers.
 PREFILL_SLICE = 256
@@ -189,7 +191,18 @@ class Engine:
 
     # ------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        outbox = self.outbox
         while True:
+            if outbox is not None:
+                # The engine process: this thread also owns the socket to the frontends. Take what
+                # arrived (their requests come through ``submit_stream`` from here), waiting for it
+                # while there is nothing to run.
+                with self._cond:
+                    busy = bool(self._incoming or self._cancels or self._waiting or self._batches or self._stopping)
+                if not busy:
+                    self._set_gauges()
+                    outbox.flush()
+                outbox.pump(0.0 if busy else IDLE_PUMP_SECONDS)
             with self._cond:
                 while (
                     not self._incoming
@@ -198,6 +211,8 @@ class Engine:
                     and not self._batches
                     and not self._stopping
                 ):
+                    if outbox is not None:
+                        break
                     self._set_gauges()
                     if self._held:
                         self._flush_wakeups(force=True)
@@ -300,6 +315,8 @@ class Engine:
         # Wake the readers of the previous call now: their Python work on the event loop overlaps
         # the model call (which releases the GIL) instead of competing with the engine's own.
         self._flush_wakeups()
+        if self.outbox is not None:
+            self.outbox.wait_for_room()  # no frontend more than a call or two behind
         started = time.perf_counter()
         k = 1 if self._waiting else batch.budget.steps(len(batch))  # requests waiting: join after one step
         if batch.reading() and (batch.model.decoder.has_prefill_from or batch.unread_from_start()):

@@ -86,6 +86,7 @@ class EngineClient:
         self._next_rid = 1
         self._submits: list[ipc.Submit] = []
         self._cancels: list[int] = []
+        self._acks = 0  # out messages handled since the last message to the engine
         self._flush_scheduled = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,14 +192,15 @@ class EngineClient:
     def _flush(self) -> None:
         """Send what this turn of the loop queued as one message."""
         self._flush_scheduled = False
-        if not self._submits and not self._cancels:
+        if not self._submits and not self._cancels and not self._acks:
             return
         submits, self._submits = self._submits, []
         cancels, self._cancels = self._cancels, []
+        acks, self._acks = self._acks, 0
         if self._socket is None or self.lost:
             return
         try:
-            self._socket.send_multipart(ipc.encode_requests(submits, cancels), flags=zmq.NOBLOCK)
+            self._socket.send_multipart(ipc.encode_requests(submits, cancels, acks), flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the engine is not there (yet): its streams cannot run
             log.error("cannot reach the engine process: %s", exc)
             for submit in submits:
@@ -214,6 +216,10 @@ class EngineClient:
                 header, arrays = ipc.decode(frames)
                 if header["t"] == "out":
                     self._output(*ipc.decode_out(header, arrays))
+                    # Acknowledged once the streams it woke have run (call_soon keeps the order):
+                    # the engine waits for that before it runs ahead of this frontend.
+                    self._acks += 1
+                    self._schedule_flush()
                 elif header["t"] == "models":
                     self.catalog.update(header["versions"])
                 else:

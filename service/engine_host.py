@@ -1,9 +1,10 @@
 """The engine process of ``textgen serve --frontends N``: the models, the engine, and the socket to the frontends.
 
 It owns everything that touches TensorFlow: the ``ModelRepository`` (loading, polling, retiring
-versions) and one ``Engine`` (batches, sampler, call budget). Its main thread is the socket's only
-user (ZeroMQ sockets are not thread-safe): it takes the frontends' batched requests and cancels and
-hands them to the engine, and forwards what the engine thread queues for sending.
+versions) and one ``Engine`` (batches, sampler, call budget). The engine thread is the socket's
+only user (ZeroMQ sockets are not thread-safe): between model calls it takes the frontends' batched
+requests, cancels and acknowledgements (``EngineHost.pump``), and it sends their output itself.
+The main thread only starts it and waits for the supervisor's ``stop``.
 
 The engine thread writes each row's tokens into a ``RemoteStream``, which appends them to its
 frontend's ``FrontendBuffer``; ``RemoteOutbox.flush``, once per model call, turns every buffer
@@ -18,6 +19,7 @@ import signal
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -35,8 +37,12 @@ from service.stream import EngineStream, FinishReason
 
 log = logging.getLogger(__name__)
 
-OUT_ENDPOINT = "inproc://textgen-engine-out"
-POLL_MS = 100  # how often the main thread looks at the stop flag while idle
+# Flow control: a frontend acknowledges each ``out`` message once its streams have taken it. The
+# engine starts no call while a frontend has WINDOW messages unacknowledged (waiting at most
+# MAX_WAIT seconds): tokens made faster than the frontends deliver them would only queue, and
+# waiting lets new requests join the next call instead of the engine spinning on a small batch.
+WINDOW = 2
+MAX_WAIT = 0.05
 
 
 @dataclass(eq=False)
@@ -49,9 +55,9 @@ class FrontendBuffer:
     ids: array = field(default_factory=lambda: array("i"))
     logprobs: array = field(default_factory=lambda: array("f"))
     ends: ipc.Ends = field(default_factory=list)
-    streams: dict[int, RemoteStream] = field(default_factory=dict)  # under ``lock``
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    streams: dict[int, RemoteStream] = field(default_factory=dict)
     gone: bool = False
+    unacked: int = 0  # out messages sent and not yet acknowledged
 
     def extend(self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> None:
         """Tokens in bulk (``RemoteOutbox.push``): what ``RemoteStream.push`` appends one by one."""
@@ -100,30 +106,50 @@ class RemoteStream:
 
 
 class RemoteOutbox:
-    """Sends each frontend its rows' tokens once per call (engine thread; through the main thread's socket)."""
+    """Each frontend's buffer, and its tokens sent once per call; all of it on the engine thread.
 
-    def __init__(self, context: zmq.Context) -> None:
-        self._context = context
-        self._socket: zmq.Socket | None = None  # created by the engine thread, used only by it
-        self._lock = threading.Lock()
+    ``send`` and ``pump`` are the host's: a message to one frontend, and handling what arrived.
+    """
+
+    def __init__(self, send: Callable[[bytes, list[bytes]], None], pump: Callable[[float], None]) -> None:
+        self._send = send
+        self.pump = pump
         self._buffers: dict[bytes, FrontendBuffer] = {}
 
     def buffer(self, name: bytes) -> FrontendBuffer:
-        with self._lock:
-            buffer = self._buffers.get(name)
-            if buffer is None:
-                buffer = self._buffers[name] = FrontendBuffer(name)
-            return buffer
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = FrontendBuffer(name)
+        return buffer
 
     def drop(self, name: bytes) -> FrontendBuffer | None:
-        with self._lock:
-            buffer = self._buffers.pop(name, None)
+        buffer = self._buffers.pop(name, None)
         if buffer is not None:
             buffer.gone = True
         return buffer
 
+    def acked(self, name: bytes, count: int) -> None:
+        """The frontend ``name`` handled ``count`` more ``out`` messages."""
+        buffer = self._buffers.get(name)
+        if buffer is not None and count > 0:
+            buffer.unacked = max(0, buffer.unacked - count)
+
+    def wait_for_room(self, timeout: float = MAX_WAIT) -> bool:
+        """Before a call: take messages in until no frontend has ``WINDOW`` messages unacknowledged.
+
+        Returns False when ``timeout`` passed first (a frontend that is behind, or stuck: the call
+        goes ahead; a frontend that died is dropped and waited for no more).
+        """
+        deadline = time.monotonic() + timeout
+        while any(b.unacked >= WINDOW for b in self._buffers.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.pump(left)
+        return True
+
     def push(self, streams: list[EngineStream], rows: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> None:
-        """One call's tokens (engine thread): token ``t`` is for ``streams[rows[t]]``, a ``RemoteStream``."""
+        """One call's tokens: token ``t`` is for ``streams[rows[t]]``, a ``RemoteStream``."""
         owners: dict[FrontendBuffer, int] = {}
         remote = cast(list[RemoteStream], streams)
         owner = np.fromiter((owners.setdefault(s.buffer, len(owners)) for s in remote), np.int64, len(remote))
@@ -137,39 +163,33 @@ class RemoteOutbox:
             buffer.extend(rids[mine], ids[mine], logprobs[mine])
 
     def flush(self) -> None:
-        with self._lock:
-            buffers = list(self._buffers.values())
-        for buffer in buffers:
+        for buffer in list(self._buffers.values()):
             if not buffer.rids and not buffer.ends:
                 continue
             rids, ids, logprobs, ends = buffer.rids, buffer.ids, buffer.logprobs, buffer.ends
             buffer.rids, buffer.ids, buffer.logprobs, buffer.ends = array("q"), array("i"), array("f"), []
-            if ends:
-                with buffer.lock:
-                    for rid, _, _ in ends:
-                        buffer.streams.pop(rid, None)
+            for rid, _, _ in ends:
+                buffer.streams.pop(rid, None)
             if buffer.gone:
                 continue
-            if self._socket is None:
-                self._socket = self._context.socket(zmq.PUSH)
-                self._socket.connect(OUT_ENDPOINT)
             frames = ipc.encode_out(
                 np.frombuffer(rids, np.int64),
                 np.frombuffer(ids, np.int32),
                 np.frombuffer(logprobs, np.float32),
                 ends,
             )
-            self._socket.send_multipart([buffer.name, *frames], copy=False)
+            buffer.unacked += 1
+            self._send(buffer.name, frames)
 
 
 class EngineHost:
-    """The engine process's main thread: the ROUTER socket, requests in, output out, model announcements."""
+    """The engine process: the ROUTER socket (requests in, output out, model announcements), the engine."""
 
     def __init__(self, config: ServerConfig, run_dir: str) -> None:
         self.config = config
         self.metrics = ServingMetrics()
         self._context = zmq.Context()
-        self.outbox = RemoteOutbox(self._context)
+        self.outbox = RemoteOutbox(self._send, self.pump)
         self._announce = threading.Event()  # the set of serving versions changed
         self.repository = ModelRepository(
             config.models,
@@ -186,8 +206,6 @@ class EngineHost:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(ipc.engine_endpoint(run_dir))
-        self._out = self._context.socket(zmq.PULL)
-        self._out.bind(OUT_ENDPOINT)
         self._frontends: set[bytes] = set()  # that said hello and are not gone
         self._stop = threading.Event()
         self._loader: threading.Thread | None = None
@@ -201,39 +219,31 @@ class EngineHost:
         return self._loader is not None and self._loader.is_alive()
 
     def run(self) -> None:
-        """Serve until ``stop``: load the models in a thread, then pass messages both ways."""
+        """Serve until ``stop``: load the models in a thread; the engine thread does the rest."""
         self.engine.start()
         self._loader = threading.Thread(target=self._load, name="textgen-model-load", daemon=True)
         self._loader.start()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._out, zmq.POLLIN)
         try:
-            while not self._stop.is_set():
-                events = dict(poller.poll(POLL_MS))
-                if self._announce.is_set():
-                    self._announce.clear()
-                    for name in list(self._frontends):
-                        self._send(name, self._models())
-                if self._out in events:
-                    for _ in range(64):  # forward what the engine queued, a bounded number at a time
-                        try:
-                            out = self._out.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._send(out[0], out[1:])
-                if self._router in events:
-                    for _ in range(64):
-                        try:
-                            message = self._router.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._handle(message[0], message[1:])
+            self._stop.wait()
         finally:
             self.engine.stop(5.0)
             self.repository.stop()
             self._router.close(0)
-            self._out.close(0)
+
+    def pump(self, timeout: float) -> None:
+        """Engine thread: handle what the frontends and the supervisor sent, waiting up to ``timeout`` for it."""
+        if self._announce.is_set():
+            self._announce.clear()
+            for name in list(self._frontends):
+                self._send(name, self._models())
+        if not self._router.poll(int(timeout * 1000) if timeout > 0 else 0, zmq.POLLIN):
+            return
+        for _ in range(256):  # a bounded number at a time: the engine has calls to make
+            try:
+                message = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(message[0], message[1:])
 
     def _load(self) -> None:
         try:
@@ -280,7 +290,8 @@ class EngineHost:
         except (ValueError, KeyError, TypeError) as exc:
             log.error("a malformed message from %r: %s", name, exc)
 
-    def _requests(self, name: bytes, submits: list[ipc.Submit], cancels: list[int]) -> None:
+    def _requests(self, name: bytes, submits: list[ipc.Submit], cancels: list[int], acks: int) -> None:
+        self.outbox.acked(name, acks)
         buffer = self.outbox.buffer(name)
         refused: ipc.Ends = []
         now = time.monotonic()
@@ -300,8 +311,7 @@ class EngineHost:
                 include_tokens=submit.logprobs,
             )
             deadline = None if submit.deadline_in is None else now + submit.deadline_in
-            with buffer.lock:
-                buffer.streams[submit.rid] = stream
+            buffer.streams[submit.rid] = stream
             try:
                 self.engine.submit_stream(model, submit.prompt.tolist(), params, stream, deadline)
             except CapacityError as exc:
@@ -310,12 +320,9 @@ class EngineHost:
                 refused.append((submit.rid, FinishReason.UNAVAILABLE.value, str(exc)))
             else:
                 continue
-            with buffer.lock:
-                buffer.streams.pop(submit.rid, None)
+            buffer.streams.pop(submit.rid, None)
         if cancels:
-            with buffer.lock:
-                streams = [s for s in (buffer.streams.get(rid) for rid in cancels) if s is not None]
-            self.engine.cancel(streams)
+            self.engine.cancel([s for s in (buffer.streams.get(rid) for rid in cancels) if s is not None])
         if refused:
             empty = np.zeros(0, np.int64)
             self._send(name, ipc.encode_out(empty, empty, empty, refused))
@@ -325,9 +332,8 @@ class EngineHost:
         buffer = self.outbox.drop(name)
         if buffer is None:
             return
-        with buffer.lock:
-            streams = list(buffer.streams.values())
-            buffer.streams.clear()
+        streams = list(buffer.streams.values())
+        buffer.streams.clear()
         if streams:
             log.warning("frontend %s is gone: ending its %d streams", name.decode(), len(streams))
         self.engine.cancel(streams)

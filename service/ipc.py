@@ -71,17 +71,18 @@ class Submit:
     prompt: np.ndarray  # int32 ids
 
 
-def encode_requests(submits: list[Submit], cancels: list[int]) -> list[bytes]:
+def encode_requests(submits: list[Submit], cancels: list[int], acks: int = 0) -> list[bytes]:
+    """A frontend's requests and cancels of one loop turn, and how many ``out`` messages it handled since."""
     rows = [
         [s.rid, s.model, s.version, s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed, int(s.logprobs),
          s.deadline_in, len(s.prompt)]
         for s in submits
     ]  # fmt: skip
     prompts = np.concatenate([s.prompt for s in submits]).astype(np.int32) if submits else np.zeros(0, np.int32)
-    return [_header("req", reqs=rows, cancel=cancels), prompts.tobytes()]
+    return [_header("req", reqs=rows, cancel=cancels, ack=acks), prompts.tobytes()]
 
 
-def decode_requests(header: dict[str, Any], frames: list[bytes]) -> tuple[list[Submit], list[int]]:
+def decode_requests(header: dict[str, Any], frames: list[bytes]) -> tuple[list[Submit], list[int], int]:
     prompts = np.frombuffer(frames[0], np.int32) if frames else np.zeros(0, np.int32)
     submits = []
     at = 0
@@ -94,7 +95,7 @@ def decode_requests(header: dict[str, Any], frames: list[bytes]) -> tuple[list[S
             )
         )  # fmt: skip
         at += n
-    return submits, [int(r) for r in header.get("cancel", ())]
+    return submits, [int(r) for r in header.get("cancel", ())], int(header.get("ack", 0))
 
 
 Ends = list[tuple[int, str, str | None]]  # (request id, finish reason, error)

@@ -81,13 +81,22 @@ class EngineStream(Protocol):
 
 
 class Outbox(Protocol):
-    """Where the engine process's output goes: ``flush`` sends each frontend what its rows got since the last."""
+    """The engine process's socket, used by the engine thread alone: ``flush`` sends each frontend what its
+    rows got since the last, ``pump`` takes the frontends' requests in."""
 
     def push(self, streams: list[EngineStream], rows: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> None:
         """One call's tokens at once: token ``t`` (``ids[t]``, ``logprobs[t]``) is for ``streams[rows[t]]``."""
         ...
 
     def flush(self) -> None: ...
+
+    def wait_for_room(self) -> bool:
+        """Before a call: wait (bounded) until no frontend is too far behind; False if it gave up."""
+        ...
+
+    def pump(self, timeout: float) -> None:
+        """Handle the messages that arrived, waiting up to ``timeout`` seconds for the first."""
+        ...
 
 
 class Stream:

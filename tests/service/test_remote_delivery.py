@@ -1,12 +1,13 @@
-"""The engine process's bulk hand-off of a call's tokens: ``Batch.record_steps`` and ``RemoteOutbox.push``."""
+"""The engine process's hand-off of a call's tokens: ``Batch.record_steps``, ``RemoteOutbox.push``, flow control."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
-import zmq
 
 from service.batch import Batch, CallBudget
-from service.engine_host import FrontendBuffer, RemoteOutbox, RemoteStream
+from service.engine_host import WINDOW, FrontendBuffer, RemoteOutbox, RemoteStream
 
 
 def _batch(rows: int) -> Batch:
@@ -32,7 +33,7 @@ def test_record_steps_equals_recording_each_step() -> None:
 
 
 def test_push_sends_each_frontend_its_rows_tokens_in_order() -> None:
-    outbox = RemoteOutbox(zmq.Context.instance())
+    outbox = RemoteOutbox(lambda name, frames: None, lambda timeout: None)
     a, b = outbox.buffer(b"fe-0-0"), outbox.buffer(b"fe-1-0")
     streams = [RemoteStream(a, 11, 1), RemoteStream(b, 21, 1), RemoteStream(a, 12, 1)]
     rows = np.array([0, 1, 2, 0, 2, 0])  # step order: row 0 three tokens, row 1 one, row 2 two
@@ -45,3 +46,29 @@ def test_push_sends_each_frontend_its_rows_tokens_in_order() -> None:
     single = FrontendBuffer(b"fe-2-0")
     outbox.push([RemoteStream(single, 7, 1)], np.array([0, 0]), ids[:2], logprobs[:2])  # type: ignore[arg-type]
     assert list(single.rids) == [7, 7] and list(single.ids) == [1, 2]
+
+
+def test_the_engine_waits_for_a_frontend_two_messages_behind_until_it_acknowledges() -> None:
+    sent: list[bytes] = []
+    pumped: list[float] = []
+    outbox = RemoteOutbox(lambda name, frames: sent.append(name), pumped.append)
+    buffer = outbox.buffer(b"fe-0-0")
+    stream = RemoteStream(buffer, 1, 1)
+    for _ in range(WINDOW):
+        assert outbox.wait_for_room(0.05)  # behind by fewer than WINDOW messages: no waiting
+        stream.push(5, "", "", -0.1, None, 0.0)
+        outbox.flush()
+    assert sent == [b"fe-0-0"] * WINDOW and buffer.unacked == WINDOW and not pumped
+    began = time.monotonic()
+    assert not outbox.wait_for_room(0.05)  # no acknowledgement comes: it gives up after the timeout
+    assert time.monotonic() - began >= 0.05 and pumped and all(0 < t <= 0.05 for t in pumped)
+
+    def acknowledge(timeout: float) -> None:  # the frontend's message arrives during the first pump
+        outbox.acked(b"fe-0-0", 1)
+
+    outbox.pump = acknowledge
+    assert outbox.wait_for_room(5.0) and buffer.unacked == WINDOW - 1
+    outbox.flush()  # nothing new for the frontend: no message, nothing more to acknowledge
+    assert buffer.unacked == WINDOW - 1
+    outbox.drop(b"fe-0-0")  # a frontend that is gone is waited for no more
+    assert outbox.wait_for_room(0.0)
