@@ -22,6 +22,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import tensorflow as tf
+
 from service import catalog
 from service.config import XlaShapes
 from service.decoder import Decoder, configure_devices
@@ -93,14 +95,29 @@ def load_model(
 ) -> LoadedModel:
     """Check one version folder against the contract, build its decoder and warm it up at every batch size.
 
-    With ``xla``, the K-step decode is XLA-compiled for those shapes (each compiled here).
+    With ``xla``, the K-step decode is XLA-compiled for those shapes (each compiled here); a version
+    whose ``step`` XLA cannot compile (a shape known only at run time, an op XLA lacks) decodes op
+    by op instead, with a warning.
 
     Raises ``ContractError`` (or whatever TensorFlow raises for an unreadable
     SavedModel) with a message saying what is wrong.
     """
     checked = check_version(path)
     decoder = Decoder(checked, xla)
-    decoder.warm_up(set(warmup_batch_sizes) | {1})
+    sizes = set(warmup_batch_sizes) | {1}
+    try:
+        decoder.warm_up(sizes)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
+        if xla is None:
+            raise
+        log.warning(
+            "model %s version %d: XLA cannot compile its decode (%s); it decodes op by op",
+            name,
+            version,
+            failure_reason(exc),
+        )
+        decoder = Decoder(checked)
+        decoder.warm_up(sizes)
     return LoadedModel(
         name=name,
         version=version,

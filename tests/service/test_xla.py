@@ -153,3 +153,17 @@ def test_an_engine_on_xla_streams_what_the_op_by_op_engine_streams(tiny_model_re
     xla = _texts(_load(tiny_model_repo, XlaShapes((8, 16), 4)), requests)
     assert xla == plain
     assert len({len(t) for t in plain}) > 5  # the rows really did end at different calls
+
+
+def test_a_step_xla_cannot_compile_decodes_op_by_op_with_a_warning(tmp_path, caplog) -> None:
+    from service.model_repository import load_model
+    from tests.reliability.faulty_model import export_faulty
+
+    # The faulty model's out-of-memory trap fills a tensor whose shape is known only at run time.
+    path = export_faulty(tmp_path / "faulty")
+    with caplog.at_level("WARNING", logger="service.model_repository"):
+        model = load_model("faulty", 1, str(path), (1, 8), XlaShapes((8, 16), 4))
+    assert model.decoder.xla is None
+    assert "model faulty version 1: XLA cannot compile its decode" in caplog.text
+    assert "compile-time constant" in caplog.text  # TensorFlow's own reason
+    assert {b for name, b in model.decoder.warmed if name == DECODE_STEPS} == {1, 8}  # op by op, warmed
