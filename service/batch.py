@@ -8,8 +8,8 @@ K-step call selects its rows from the state in its own graph, so joins and leave
 TensorFlow op of their own (other calls select them first, one op, ``live_state``). A row reads its
 prompt either in slices (``prompt_slice``, ``advance_slice``: while no row of the batch generates)
 or riding in the decode batch, one token per step (``feed_prompts``, ``forced_prompts``). A version
-whose ``decode_steps`` XLA compiled runs at a padded batch size (``padded_rows``): the inputs get
-padding rows, and the state keeps the call's padding rows after the batch's.
+whose ``decode_steps`` XLA compiled runs at a padded batch size (``padded_rows``): the inputs
+(``steps_inputs``) get padding rows, and the state keeps the call's padding rows after the batch's.
 
 ``CallBudget`` decides how many decode steps one model call makes (K): ``steps_per_call``, cut so
 that a call takes at most ``call_budget`` seconds by the batch's measured step time. It is plain
@@ -148,8 +148,8 @@ class Batch:
     def sampling_tensors(self, rows: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """(temperature, top_k, top_p, seed) as tensors of ``rows`` rows (default: the batch's), converted
         once per change of rows; padding rows are greedy."""
-        if self.params_t is None or self.params_t[0].shape[0] != (rows or len(self.rows)):
-            n = rows or len(self.rows)
+        n = rows or len(self.rows)
+        if self.params_t is None or self.params_t[0].shape[0] != n:
             self.params_t = (
                 tf.constant(padded(self.temperature, n)),
                 tf.constant(padded(self.top_k, n)),
@@ -176,7 +176,26 @@ class Batch:
             self.set_state(self.model.decoder.select_state(self.state, tf.constant(self.source)))
         return self.state
 
-    def steps_state(self, rows: int) -> tuple[tf.Tensor, np.ndarray]:
+    def steps_inputs(self, k: int) -> tuple[list[tf.Tensor], np.ndarray, np.ndarray]:
+        """``decode_steps``' inputs for a ``k``-step call, padded to ``padded_rows()`` rows (padding rows
+        are greedy and ignored), and the call's unpadded ``forced`` and ``left`` (``forced_prompts``)."""
+        xla = self.model.decoder.xla
+        rows = self.padded_rows()
+        forced, left = self.forced_prompts(k, None if xla is None else xla.max_steps)
+        state, source = self._steps_state(rows)
+        inputs = [
+            tf.constant(padded(self.tokens, rows)),
+            state,
+            *self.sampling_tensors(rows),
+            tf.constant(padded(self.position, rows)),
+            tf.constant(k, tf.int32),
+            tf.constant(padded(forced, rows)),
+            tf.constant(padded(left, rows)),
+            tf.constant(source),
+        ]
+        return inputs, forced, left
+
+    def _steps_state(self, rows: int) -> tuple[tf.Tensor, np.ndarray]:
         """``(state, source)`` for a ``decode_steps`` call of ``rows`` rows, ``source`` padded with -1.
 
         An XLA call takes a state of exactly ``rows`` rows (its compiled shape): when the padded size

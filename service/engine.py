@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from service.batch import Batch, CallBudget, Request, Row, padded
+from service.batch import Batch, CallBudget, Request, Row
 from service.config import EngineConfig
 from service.errors import CapacityError, EngineClosedError
 from service.metrics import ServingMetrics, observe_weighted
@@ -190,6 +190,10 @@ class Engine:
             self._cond.notify()
 
     # ------------------------------------------------------------ the engine thread
+    def _has_work(self) -> bool:
+        """Whether the loop has anything to do (under ``_cond``)."""
+        return bool(self._incoming or self._cancels or self._waiting or self._batches or self._stopping)
+
     def _run(self) -> None:
         outbox = self.outbox
         while True:
@@ -198,21 +202,15 @@ class Engine:
                 # arrived (their requests come through ``submit_stream`` from here), waiting for it
                 # while there is nothing to run.
                 with self._cond:
-                    busy = bool(self._incoming or self._cancels or self._waiting or self._batches or self._stopping)
+                    busy = self._has_work()
                 if not busy:
                     self._set_gauges()
                     outbox.flush()
                 outbox.pump(0.0 if busy else IDLE_PUMP_SECONDS)
             with self._cond:
-                while (
-                    not self._incoming
-                    and not self._cancels
-                    and not self._waiting
-                    and not self._batches
-                    and not self._stopping
-                ):
-                    if outbox is not None:
-                        break
+                if outbox is not None and not self._has_work():
+                    continue
+                while not self._has_work():
                     self._set_gauges()
                     if self._held:
                         self._flush_wakeups(force=True)
@@ -348,23 +346,11 @@ class Engine:
         from step ``n`` on; each generating row gets its tokens in order.
         """
         began = time.monotonic()
-        xla = batch.model.decoder.xla
         n = len(batch)
-        rows = batch.padded_rows()  # an XLA call runs at a compiled batch size; padding rows are ignored
-        forced, left = batch.forced_prompts(k, None if xla is None else xla.max_steps)
-        state, source = batch.steps_state(rows)
-        ids_t, logprobs_t, state = batch.model.decoder.decode_steps(
-            tf.constant(padded(batch.tokens, rows)),
-            state,
-            *batch.sampling_tensors(rows),
-            tf.constant(padded(batch.position, rows)),
-            tf.constant(k, tf.int32),
-            tf.constant(padded(forced, rows)),
-            tf.constant(padded(left, rows)),
-            tf.constant(source),
-        )
+        inputs, forced, left = batch.steps_inputs(k)
+        ids_t, logprobs_t, state = batch.model.decoder.decode_steps(*inputs)
         batch.set_state(state)
-        ids = ids_t.numpy()[:k, :n]  # (k, rows)
+        ids = ids_t.numpy()[:k, :n]  # (k, rows): an XLA call's padding rows and steps are dropped
         logprobs = logprobs_t.numpy()[:k, :n] if batch.want_logprobs else np.zeros(ids.shape, np.float32)
         self._record_call(batch, k, len(batch), time.perf_counter() - started)
         if self.outbox is not None:

@@ -71,7 +71,6 @@ class StepRunner:
     def __init__(self, model: keras.Model, model_config: ModelConfig, strategy: Any) -> None:
         self.model = model
         self.config = model_config
-        self.strategy = strategy
         per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
         optimizer = model.optimizer
 
