@@ -323,8 +323,8 @@ class HttpFrontend:
         outcome: Outcome,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             while True:
                 chunk = await stream.next_chunk()
                 outcome.update(chunk)
@@ -350,6 +350,10 @@ class HttpFrontend:
             log.debug("request %s: %s", outcome.request_id, exc.message)
             if request.transport is not None:
                 request.transport.abort()
+        except ConnectionError:
+            # The client went away while an event was written (before aiohttp cancelled this
+            # handler): returned, the response ends quietly in aiohttp; raised, it logs an error.
+            outcome.code = grpc.StatusCode.CANCELLED
         return response
 
     async def _write(
