@@ -18,6 +18,8 @@ The model reads ``x = w[:-1]`` and predicts ``y = w[1:]``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from training.windows import WindowError, window_starts
@@ -92,3 +94,14 @@ class StreamBatches:
         first = self.shift(epoch) + k * self.seq_len
         w = self.ids[self._rows + first + self._offsets]  # (batch, seq_len + 1)
         return w[:, :-1], w[:, 1:]
+
+
+def start_state(batches: WindowBatches | StreamBatches, step: int, carried: Any, zero: Any) -> Any:
+    """The state a step starts from: ``carried`` within a stateful epoch, else ``zero``.
+
+    Windows of ``WindowBatches`` are unrelated to the windows before them, so
+    each starts from zeros, as the fresh-windows validation does.
+    """
+    if batches.stateful and not batches.starts_new_epoch(step):
+        return carried
+    return zero

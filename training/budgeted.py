@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import sizing
-from training.batches import StreamBatches, WindowBatches
+from training.batches import StreamBatches, WindowBatches, start_state
 from training.budget import (
     VALIDATION_SHARE,
     Deadline,
@@ -127,7 +127,8 @@ def fit_budgeted(
     writer = tf.summary.create_file_writer(config.log_dir) if is_chief else None
     peak = config.learning_rate
     run_plan: Plan | None = None
-    state = runner.zero_state(config.batch_size)
+    zero = runner.zero_state(config.batch_size)
+    state = zero  # the last step's final state
     step = progress.steps_done
     seen = 0.0  # training loss summed since the last validation
     seen_steps = 0
@@ -147,10 +148,8 @@ def fit_budgeted(
 
     def train_one() -> None:
         nonlocal step, state, seen, seen_steps
-        if batches.stateful and batches.starts_new_epoch(step):
-            state = runner.zero_state(config.batch_size)
         model.optimizer.learning_rate.assign(lr(step))
-        loss, state = runner(*batches(step), state)
+        loss, state = runner(*batches(step), start_state(batches, step, state, zero))
         seen, seen_steps, step = seen + loss, seen_steps + 1, step + 1
 
     def validate() -> None:

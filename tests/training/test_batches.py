@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.batches import StreamBatches, WindowBatches
+from training.batches import StreamBatches, WindowBatches, start_state
 from training.windows import WindowError
 
 IDS = np.arange(10_007, dtype=np.int32)  # every id is its own position: order is visible
@@ -54,3 +54,16 @@ def test_too_few_windows_name_the_flag() -> None:
         WindowBatches(IDS[:100], seq_len=10, stride=10, batch=64, seed=0)
     with pytest.raises(WindowError, match="--stateful"):
         StreamBatches(IDS[:100], seq_len=10, batch=8, seed=0)
+
+
+def test_fresh_windows_start_every_step_from_zeros_and_streams_carry_within_an_epoch() -> None:
+    ids = np.arange(2000, dtype=np.int32)
+    zero, carried = "zero", "carried"
+    windows = WindowBatches(ids, seq_len=10, stride=10, batch=4, seed=0)
+    assert [start_state(windows, step, carried, zero) for step in range(3)] == [zero] * 3
+    streams = StreamBatches(ids, seq_len=10, batch=4, seed=0)
+    epoch = streams.steps_per_epoch
+    assert start_state(streams, 0, carried, zero) == zero
+    assert start_state(streams, 1, carried, zero) == carried
+    assert start_state(streams, epoch, carried, zero) == zero
+    assert start_state(streams, epoch + 1, carried, zero) == carried
