@@ -1,8 +1,8 @@
 """What each training change buys: ``textgen train --time-budget`` runs that differ from one baseline in one thing.
 
 The baseline is ``--preset small`` as the presets train (constant learning
-rate, Adam, per-variable clipping at 5.0, fresh windows) inside the same
-budget. Each variant changes one thing; ``defaults`` is a budgeted run with
+rate 0.004, Adam, per-variable clipping at 5.0, a new dropout mask per token,
+fresh windows) inside the same budget. Each variant changes one thing; ``defaults`` is a budgeted run with
 no flags (every change its rule or default picks), ``small`` the same with
 ``--preset small``'s network. Every run is a real
 ``textgen train`` process; the table gives its validation bits per token in
@@ -31,7 +31,7 @@ from typing import Any
 
 BASELINE = [
     "--preset", "small", "--schedule", "constant", "--weight-decay", "0", "--clipping", "per-variable",
-    "--no-stateful",
+    "--dropout-mask", "token", "--weight-drop", "0", "--no-stateful",
 ]  # fmt: skip
 
 
@@ -46,10 +46,14 @@ VARIANTS: dict[str, list[str]] = {
     "schedule": _with("--schedule", "cosine"),
     "schedule-wsd": _with("--schedule", "wsd"),
     "schedule-cosine-2x": [*_with("--schedule", "cosine"), "--learning-rate", "0.008"],
-    "sizing": BASELINE[2:],  # no --preset: the sizing rule picks the network
+    "learning-rate": [*BASELINE, "--learning-rate", "0.008"],
+    # no --preset: the sizing rule picks the network (the preset's learning rate kept)
+    "sizing": [*BASELINE[2:], "--learning-rate", "0.004"],
     "weight-decay": _with("--weight-decay", "0.1"),
     "clipping": _with("--clipping", "global"),
     "stateful": [*BASELINE[:-1], "--stateful"],
+    "dropout-mask": _with("--dropout-mask", "sequence"),
+    "weight-drop": _with("--weight-drop", "0.3"),
     "defaults": [],
     "small": ["--preset", "small"],  # the defaults with the preset's network instead of the sizing rule's
 }

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
-from training.model import CELLS
+from training.model import CELLS, DROPOUT_MASKS
 from training.tf_runtime import add_log_level_flag
 from training.tokenizer import LEVELS
 
@@ -50,18 +50,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# A budgeted run (--time-budget) without --preset: small's windows, batch and learning rate (the
-# sizing rule replaces its network), and the schedule, optimiser and stateful settings that
+# A budgeted run (--time-budget) without --preset: small's windows and batch (the sizing rule
+# replaces its network), and the learning rate, schedule, optimiser and regularisation that
 # docs/training.md#what-each-change-buys measured best.
 BUDGET_DEFAULTS: dict[str, Any] = {
     **PRESETS["small"],
     "epochs": 1,  # unused: a budgeted run counts steps
+    "learning_rate": 0.008,
     "schedule": "wsd",
     "weight_decay": 0.0,
     "clipping": "per-variable",
-    "stateful": True,
+    "stateful": False,
+    "dropout_mask": "sequence",
+    "weight_drop": 0.0,
 }
-BUDGET_OPTIMISER = ("schedule", "weight_decay", "clipping", "stateful")
+# What every budgeted run takes from BUDGET_DEFAULTS, --preset or not.
+BUDGET_OPTIMISER = ("schedule", "weight_decay", "clipping", "stateful", "dropout_mask", "weight_drop")
 SIZE_FLAGS = ("layers", "units", "embedding_dim", "dropout")
 SCHEDULES = ("cosine", "wsd", "constant")
 CLIPPING = ("global", "per-variable", "none")
@@ -109,6 +113,8 @@ class TrainConfig:
     clipping: str = "per-variable"
     clip_norm: float = 5.0
     stateful: bool = False  # truncated BPTT: the state carries across consecutive windows
+    dropout_mask: str = "token"  # a new dropout mask at each position, or one per window (model.py)
+    weight_drop: float = 0.0  # DropConnect on the LSTM's recurrent kernel (model.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seq_len", "stride", "layers", "units", "embedding_dim", "batch_size", "patience"):
@@ -143,6 +149,14 @@ class TrainConfig:
             raise UsageError(f"--clip-norm must be a positive number, got {self.clip_norm}")
         if self.time_budget is not None and self.validation_fraction <= 0:
             raise UsageError("--time-budget validates as it goes: --validation-fraction must be above 0, got 0")
+        if self.dropout_mask not in DROPOUT_MASKS:
+            raise UsageError(f"--dropout-mask must be one of {', '.join(DROPOUT_MASKS)}, got {self.dropout_mask!r}")
+        if not (0.0 <= self.weight_drop < 1.0):
+            raise UsageError(f"--weight-drop must be in [0, 1), got {self.weight_drop}")
+        if self.weight_drop and self.time_budget is None:
+            raise UsageError("--weight-drop needs --time-budget (the budgeted loop runs the dropped kernel)")
+        if self.weight_drop and self.cell != "lstm":
+            raise UsageError(f"--weight-drop needs --cell lstm, got {self.cell!r}")
         if self.stateful and self.time_budget is None:
             raise UsageError("--stateful needs --time-budget (a budgeted run counts steps over the streams)")
 
@@ -167,7 +181,7 @@ class TrainConfig:
         keys = (
             "corpus level seq_len stride layers units embedding_dim cell batch_size dropout "
             "validation_fraction max_vocab lowercase seed max_steps_per_epoch time_budget auto_size schedule "
-            "weight_decay clipping clip_norm stateful"
+            "weight_decay clipping clip_norm stateful dropout_mask weight_drop"
         ).split()
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
 
@@ -248,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cell", choices=CELLS, default="lstm", help="recurrent cell (default: lstm)")
     add("--batch-size", type=_positive_int, help="global batch size (split across replicas)")
     add("--dropout", type=_number)
+    add(
+        "--dropout-mask",
+        choices=DROPOUT_MASKS,
+        help="a new dropout mask at every position (token) or one for the whole window (sequence) (default: token)",
+    )
+    add(
+        "--weight-drop",
+        type=_number,
+        help="budgeted runs: drop this fraction of each LSTM's recurrent weights, a new mask every step (default: 0)",
+    )
     add("--learning-rate", type=_number, help="the peak learning rate with a schedule")
     add(
         "--schedule",

@@ -112,6 +112,8 @@ def prepare(config: TrainConfig) -> Prepared:
         layers=config.layers,
         cell=config.cell,
         dropout=config.dropout,
+        dropout_mask=config.dropout_mask,
+        weight_drop=config.weight_drop,
     )
     train_batches = count_batches(
         len(split.train), config.seq_len, config.stride, config.batch_size, config.max_steps_per_epoch

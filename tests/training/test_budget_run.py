@@ -44,7 +44,8 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
     tmp_path: Path, corpus_file: Path
 ) -> None:
     started = time.monotonic()
-    run = _run(*_argv(tmp_path, corpus_file, "--time-budget", "30s", "--stateful"))
+    regularised = ["--dropout", "0.2", "--dropout-mask", "sequence", "--weight-drop", "0.3"]
+    run = _run(*_argv(tmp_path, corpus_file, "--time-budget", "30s", "--stateful", *regularised))
     assert run.returncode == 0, run.stderr
     assert "plan: " in run.stderr and "left of 0m30s" in run.stderr and "% of the 30 s budget" in run.stdout
     assert time.monotonic() - started < 30 + 15  # on time, with room for a loaded machine
@@ -56,6 +57,7 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
     for key in ("val_loss", "val_carried_loss", "val_carried_bits_per_token", "val_perplexity"):
         assert key in info and info[key] > 0, key
     assert info["training"]["stateful"] is True and info["training"]["schedule"] == "wsd"
+    assert info["architecture"]["weight_drop"] == 0.3 and info["architecture"]["dropout_mask"] == "sequence"
     lrs = [r["lr"] for r in info["history"]]
     assert lrs[-1] < max(lrs)  # the schedule decayed
     assert "sizing" not in info  # size flags were given
