@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--dropout-mask",
         choices=DROPOUT_MASKS,
-        help="a new dropout mask at every position (token) or one for the whole window (sequence) (default: token)",
+        help="a new dropout mask at every position (token) or one per window (sequence) "
+        "(default: sequence when budgeted, else token)",
     )
     add(
         "--weight-drop",
