@@ -39,8 +39,9 @@ MAX_VALIDATIONS = 40
 WARMUP_FRACTION = 0.03
 # The decay ends at this fraction of the peak learning rate.
 FINAL_LR_FRACTION = 0.05
-# The "wsd" schedule decays over this last share of the steps (stable at the peak before).
-DECAY_SHARE = 0.2
+# The "wsd" schedule decays over this last share of the steps (stable at the peak before);
+# --decay-share overrides it.
+DECAY_SHARE = 0.5
 # Time held back for the export and the reloaded sample: a fixed part and a share of the budget.
 EXPORT_RESERVE_S = 12.0
 EXPORT_RESERVE_SHARE = 0.01
@@ -168,19 +169,20 @@ def lr_at(
     warmup_steps: int,
     shape: str = "cosine",
     final_fraction: float = FINAL_LR_FRACTION,
+    decay_share: float = DECAY_SHARE,
 ) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then down to ``final_fraction * peak``.
 
     ``cosine`` decays along a half cosine from the warm-up's end to ``total_steps``;
     ``wsd`` (warm-up, stable, decay) stays at the peak and decays linearly over
-    the last ``DECAY_SHARE`` of the steps; ``constant`` stays at the peak.
+    the last ``decay_share`` of the steps; ``constant`` stays at the peak.
     """
     if shape == "constant":
         return peak
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if shape == "wsd":
-        decay_start = max(warmup_steps, total_steps - int(DECAY_SHARE * total_steps))
+        decay_start = max(warmup_steps, total_steps - int(decay_share * total_steps))
         progress = min(1.0, max(0.0, (step - decay_start) / max(1, total_steps - decay_start)))
         return peak * (1.0 - (1.0 - final_fraction) * progress)
     span = max(1, total_steps - warmup_steps)

@@ -137,13 +137,21 @@ def fit_budgeted(
         # A resumed run follows the plan it checkpointed until it has timed this machine again.
         known = run_plan.describe() if run_plan is not None else progress.plan
         if not known:
-            return lr_at(step, peak=peak, total_steps=10**9, warmup_steps=PROBE_WARMUP, shape=config.schedule)
+            return lr_at(
+                step,
+                peak=peak,
+                total_steps=10**9,
+                warmup_steps=PROBE_WARMUP,
+                shape=config.schedule,
+                decay_share=config.decay_share,
+            )
         return lr_at(
             step,
             peak=peak,
             total_steps=int(known["total_steps"]),
             warmup_steps=int(known["warmup_steps"]),
             shape=config.schedule,
+            decay_share=config.decay_share,
         )
 
     def train_one() -> None:

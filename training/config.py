@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
+from training.budget import DECAY_SHARE
 from training.model import CELLS, DROPOUT_MASKS
 from training.tf_runtime import add_log_level_flag
 from training.tokenizer import LEVELS
@@ -109,6 +110,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds from process start to the export being done
     auto_size: bool = False  # the sizing rule picks layers, units, embedding_dim and dropout
     schedule: str = "constant"  # the learning rate of a budgeted run; epoch runs keep it constant
+    decay_share: float = DECAY_SHARE  # wsd: the last share of the steps the learning rate decays over
     weight_decay: float = 0.0  # AdamW's decoupled decay; 0 is Adam
     clipping: str = "per-variable"
     clip_norm: float = 5.0
@@ -141,6 +143,8 @@ class TrainConfig:
             raise UsageError("--out must name a folder, got ''")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (0.0 < self.decay_share <= 1.0):
+            raise UsageError(f"--decay-share must be in (0, 1], got {self.decay_share}")
         if self.clipping not in CLIPPING:
             raise UsageError(f"--clipping must be one of {', '.join(CLIPPING)}, got {self.clipping!r}")
         if not (0.0 <= self.weight_decay < 1.0):
@@ -181,7 +185,7 @@ class TrainConfig:
         keys = (
             "corpus level seq_len stride layers units embedding_dim cell batch_size dropout "
             "validation_fraction max_vocab lowercase seed max_steps_per_epoch time_budget auto_size schedule "
-            "weight_decay clipping clip_norm stateful dropout_mask weight_drop"
+            "decay_share weight_decay clipping clip_norm stateful dropout_mask weight_drop"
         ).split()
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
 
@@ -277,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--schedule",
         choices=SCHEDULES,
-        help="budgeted runs: warm-up then the peak until a linear decay over the last 20%% (wsd), warm-up then "
-        "a cosine decay, or constant (default: wsd)",
+        help="budgeted runs: warm-up then the peak until a linear decay over the last --decay-share of the steps "
+        "(wsd), warm-up then a cosine decay, or constant (default: wsd)",
+    )
+    add(
+        "--decay-share",
+        type=_number,
+        help="budgeted runs with wsd: the last share of the steps the learning rate decays over "
+        f"(default: {DECAY_SHARE:g})",
     )
     add("--weight-decay", type=_number, help="AdamW weight decay; 0 is Adam (default: 0)")
     add(
@@ -292,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="budgeted runs: carry the LSTM state across consecutive windows of each stream, truncated BPTT "
-        "(default: on with --time-budget)",
+        "(default: off)",
     )
     add(
         "--validation-fraction",

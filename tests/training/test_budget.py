@@ -105,11 +105,16 @@ def test_process_age_is_this_process_age() -> None:
     assert 0.0 < age < 24 * 3600
 
 
-def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fifth() -> None:
+@pytest.mark.parametrize("share", [budget.DECAY_SHARE, 0.2, 0.9])
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_decay_share(share: float) -> None:
     peak, total, warmup = 0.01, 1000, 30
-    lrs = [lr_at(s, peak=peak, total_steps=total, warmup_steps=warmup, shape="wsd") for s in range(total + 1)]
+    lrs = [
+        lr_at(s, peak=peak, total_steps=total, warmup_steps=warmup, shape="wsd", decay_share=share)
+        for s in range(total + 1)
+    ]
     assert lrs[0] == pytest.approx(peak / warmup) and lrs[warmup - 1] == pytest.approx(peak)
-    decay_start = total - int(budget.DECAY_SHARE * total)
+    decay_start = total - int(share * total)
+    assert lrs[decay_start + 1] < peak
     assert all(lr == pytest.approx(peak) for lr in lrs[warmup : decay_start + 1])
     steps = [b - a for a, b in zip(lrs[decay_start:], lrs[decay_start + 1 :], strict=False)]
     assert all(d == pytest.approx(steps[0]) for d in steps) and steps[0] < 0  # a straight line down

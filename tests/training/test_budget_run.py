@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from training.budget import lr_at
 from training.check import check_version
 from training.checkpoints import PROGRESS_FILE
 from training.cli import main as train_main
@@ -44,7 +45,7 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
     tmp_path: Path, corpus_file: Path
 ) -> None:
     started = time.monotonic()
-    regularised = ["--dropout", "0.2", "--dropout-mask", "sequence", "--weight-drop", "0.3"]
+    regularised = ["--dropout", "0.2", "--dropout-mask", "sequence", "--weight-drop", "0.3", "--decay-share", "0.3"]
     run = _run(*_argv(tmp_path, corpus_file, "--time-budget", "30s", "--stateful", *regularised))
     assert run.returncode == 0, run.stderr
     assert "plan: " in run.stderr and "left of 0m30s" in run.stderr and "% of the 30 s budget" in run.stdout
@@ -60,6 +61,18 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
     assert info["architecture"]["weight_drop"] == 0.3 and info["architecture"]["dropout_mask"] == "sequence"
     lrs = [r["lr"] for r in info["history"]]
     assert lrs[-1] < max(lrs)  # the schedule decayed
+    assert info["training"]["decay_share"] == 0.3
+    last = info["history"][-1]
+    assert last["lr"] == pytest.approx(
+        lr_at(
+            last["step"] - 1,
+            peak=info["training"]["learning_rate"],
+            total_steps=plan["total_steps"],
+            warmup_steps=plan["warmup_steps"],
+            shape="wsd",
+            decay_share=0.3,
+        )
+    )
     assert "sizing" not in info  # size flags were given
     best = min(info["history"], key=lambda r: r["val_loss"])
     assert info["exported_step"] == best["step"] and info["val_loss"] == best["val_loss"]
@@ -116,6 +129,7 @@ BAD = {
     "stateful needs a budget": (["--stateful"], "--stateful needs --time-budget"),
     "no validation": (["--time-budget", "60s", "--validation-fraction", "0"], "--validation-fraction"),
     "weight decay": (["--weight-decay", "2"], "--weight-decay"),
+    "decay share": (["--time-budget", "60s", "--decay-share", "1.5"], "--decay-share"),
     "clipping": (["--clipping", "sometimes"], "--clipping"),
     "clip norm": (["--clip-norm", "0"], "--clip-norm"),
     "epochs with a budget": (["--time-budget", "60s", "--epochs", "3"], "--epochs does not apply"),
