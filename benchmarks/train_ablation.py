@@ -44,7 +44,8 @@ def _with(flag: str, value: str) -> list[str]:
 VARIANTS: dict[str, list[str]] = {
     "baseline": BASELINE,
     "schedule": _with("--schedule", "cosine"),
-    "schedule-wsd": _with("--schedule", "wsd"),
+    "schedule-wsd": [*_with("--schedule", "wsd"), "--decay-share", "0.2"],  # the share the 10-minute table ran
+    "decay-share": _with("--schedule", "wsd"),  # the default share
     "schedule-cosine-2x": [*_with("--schedule", "cosine"), "--learning-rate", "0.008"],
     "learning-rate": [*BASELINE, "--learning-rate", "0.008"],
     # no --preset: the sizing rule picks the network (the preset's learning rate kept)

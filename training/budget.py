@@ -41,7 +41,7 @@ WARMUP_FRACTION = 0.03
 FINAL_LR_FRACTION = 0.05
 # The "wsd" schedule decays over this last share of the steps (stable at the peak before);
 # --decay-share overrides it.
-DECAY_SHARE = 0.5
+DECAY_SHARE = 0.8
 # Time held back for the export and the reloaded sample: a fixed part and a share of the budget.
 EXPORT_RESERVE_S = 12.0
 EXPORT_RESERVE_SHARE = 0.01
