@@ -136,20 +136,13 @@ def fit_budgeted(
     def lr(step: int) -> float:
         # A resumed run follows the plan it checkpointed until it has timed this machine again.
         known = run_plan.describe() if run_plan is not None else progress.plan
-        if not known:
-            return lr_at(
-                step,
-                peak=peak,
-                total_steps=10**9,
-                warmup_steps=PROBE_WARMUP,
-                shape=config.schedule,
-                decay_share=config.decay_share,
-            )
+        # Before the first plan: the warm-up of the probe steps, and no end in sight.
+        total, warmup = (int(known["total_steps"]), int(known["warmup_steps"])) if known else (10**9, PROBE_WARMUP)
         return lr_at(
             step,
             peak=peak,
-            total_steps=int(known["total_steps"]),
-            warmup_steps=int(known["warmup_steps"]),
+            total_steps=total,
+            warmup_steps=warmup,
             shape=config.schedule,
             decay_share=config.decay_share,
         )
