@@ -31,7 +31,7 @@ from typing import Any
 
 BASELINE = [
     "--preset", "small", "--schedule", "constant", "--weight-decay", "0", "--clipping", "per-variable",
-    "--dropout-mask", "token", "--weight-drop", "0", "--no-stateful",
+    "--dropout-mask", "token", "--weight-drop", "0", "--weight-average", "0", "--no-stateful",
 ]  # fmt: skip
 
 
@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "stateful": [*BASELINE[:-1], "--stateful"],
     "dropout-mask": _with("--dropout-mask", "sequence"),
     "weight-drop": _with("--weight-drop", "0.3"),
+    "weight-average": _with("--weight-average", "0.05"),
     "defaults": [],
     "small": ["--preset", "small"],  # the defaults with the preset's network instead of the sizing rule's
 }

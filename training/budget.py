@@ -32,7 +32,7 @@ def probe_seconds(budget_s: float) -> float:
 
 
 # Validations take at most this share of the training time (the planner spaces them out).
-VALIDATION_SHARE = 0.08
+VALIDATION_SHARE = 0.03
 MIN_VALIDATIONS = 4
 MAX_VALIDATIONS = 40
 # Warm-up steps: this fraction of the plan, at least 20 and at most 500.
@@ -42,9 +42,11 @@ FINAL_LR_FRACTION = 0.05
 # The "wsd" schedule decays over this last share of the steps (stable at the peak before);
 # --decay-share overrides it.
 DECAY_SHARE = 0.8
+# The weights' moving average (--weight-average) spans about this share of the planned steps.
+WEIGHT_AVERAGE = 0.05
 # Time held back for the export and the reloaded sample: a fixed part and a share of the budget.
-EXPORT_RESERVE_S = 12.0
-EXPORT_RESERVE_SHARE = 0.01
+EXPORT_RESERVE_S = 6.0
+EXPORT_RESERVE_SHARE = 0.004
 
 
 class BudgetError(ValueError):

@@ -15,12 +15,13 @@ with several replicas).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -65,10 +66,49 @@ def make_batches(config: TrainConfig, ids: np.ndarray) -> WindowBatches | Stream
     return WindowBatches(ids, config.seq_len, config.stride, config.batch_size, config.seed)
 
 
+class WeightAverage:
+    """An exponential moving average of the trainable weights, over a horizon of about ``horizon`` steps.
+
+    ``update`` runs inside the training step; ``applied`` swaps the average into
+    the model for a validation and its checkpoint, and back; ``finish`` leaves
+    it there for the export. The average starts from the weights it is built
+    with (a resumed run: the averaged weights of its last checkpoint).
+    """
+
+    def __init__(self, variables: list[tf.Variable]) -> None:
+        self.variables = variables
+        self.averages = [tf.Variable(v, trainable=False, name="average") for v in variables]
+        self.decay = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="average_decay")
+
+    def set_horizon(self, steps: int) -> None:
+        self.decay.assign(1.0 - 1.0 / max(1, steps))
+
+    def update(self) -> None:
+        for average, variable in zip(self.averages, self.variables, strict=True):
+            decay = tf.cast(self.decay, average.dtype)
+            average.assign(decay * average + (1.0 - decay) * tf.cast(variable, average.dtype))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        raw = [v.numpy() for v in self.variables]
+        self.finish()
+        try:
+            yield
+        finally:
+            for variable, value in zip(self.variables, raw, strict=True):
+                variable.assign(value)
+
+    def finish(self) -> None:
+        for variable, average in zip(self.variables, self.averages, strict=True):
+            variable.assign(average)
+
+
 class StepRunner:
     """One optimizer step under ``strategy`` (one replica), from NumPy batches and a carried state."""
 
-    def __init__(self, model: keras.Model, model_config: ModelConfig, strategy: Any) -> None:
+    def __init__(
+        self, model: keras.Model, model_config: ModelConfig, strategy: Any, average: WeightAverage | None = None
+    ) -> None:
         self.model = model
         self.config = model_config
         per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
@@ -80,6 +120,8 @@ class StepRunner:
                 loss = tf.reduce_mean(per_token(y, logits))
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
+            if average is not None:
+                average.update()
             return loss, tf.stop_gradient(new_state)
 
         @tf.function
@@ -123,7 +165,11 @@ def fit_budgeted(
         raise ValueError("a budgeted run validates: --validation-fraction must be above 0")
     evaluator = Evaluator(model, model_config, validation_ids, max_tokens=VALIDATION_SAMPLE_TOKENS)
     whole = Evaluator(model, model_config, validation_ids) if evaluator.sampled else None
-    runner = StepRunner(model, model_config, strategy)
+    average = None
+    if config.weight_average:
+        with strategy.scope():
+            average = WeightAverage(model.trainable_variables)
+    runner = StepRunner(model, model_config, strategy, average)
     writer = tf.summary.create_file_writer(config.log_dir) if is_chief else None
     peak = config.learning_rate
     run_plan: Plan | None = None
@@ -153,7 +199,21 @@ def fit_budgeted(
         loss, state = runner(*batches(step), start_state(batches, step, state, zero))
         seen, seen_steps, step = seen + loss, seen_steps + 1, step + 1
 
-    def validate() -> None:
+    def plan_is(new_plan: Plan) -> Plan:
+        if average is not None:
+            average.set_horizon(round(config.weight_average * new_plan.total_steps))
+        return new_plan
+
+    def validate(last: bool = False) -> None:
+        if average is None:
+            validate_weights({})
+            return
+        # The last validation also scores the trained weights themselves: what the average bought.
+        trained = evaluator().logs()["val_bits_per_token"] if last else None
+        with average.applied():
+            validate_weights({"trained_val_bits_per_token": trained} if last else {})
+
+    def validate_weights(extra: dict[str, Any]) -> None:
         nonlocal seen, seen_steps
         figures = evaluator().logs()
         record: dict[str, Any] = {
@@ -164,6 +224,7 @@ def fit_budgeted(
             "loss": seen / max(1, seen_steps),
             "bits_per_token": seen / max(1, seen_steps) / LN2,
             **figures,
+            **extra,
         }
         seen, seen_steps = 0.0, 0
         improved = progress.best_val_loss is None or record["val_loss"] < progress.best_val_loss
@@ -200,6 +261,12 @@ def fit_budgeted(
             _clock(deadline.budget_s),
             ", best" if improved else "",
         )
+        if extra:
+            log.info(
+                "step %d without the weight average: val %.4f bits/token fresh",
+                step,
+                extra["trained_val_bits_per_token"],
+            )
 
     # Probe: untimed steps (tracing), timed steps, one validation; then plan.
     for _ in range(UNTIMED_STEPS):
@@ -214,13 +281,15 @@ def fit_budgeted(
     validation_s = clock() - started
     # The exported weights are scored on the whole tail once, after the last step.
     final_s = validation_s * whole.tokens / evaluator.tokens if whole is not None else 0.0
-    run_plan = plan(
-        remaining_s=deadline.remaining(),
-        budget_s=deadline.budget_s,
-        steps_done=step,
-        step_s=step_s,
-        validation_s=validation_s,
-        reserve_s=export_reserve(deadline.budget_s) + final_s,
+    run_plan = plan_is(
+        plan(
+            remaining_s=deadline.remaining(),
+            budget_s=deadline.budget_s,
+            steps_done=step,
+            step_s=step_s,
+            validation_s=validation_s,
+            reserve_s=export_reserve(deadline.budget_s) + final_s,
+        )
     )
     progress.plan = run_plan.describe()
     log.info(
@@ -248,13 +317,15 @@ def fit_budgeted(
         if step % run_plan.validate_every == 0 or at_end:
             started = clock()
             train_time, train_steps = train_time + started - interval_start, step - first
-            validate()
+            validate(last=at_end)
             validation_time, validations = validation_time + clock() - started, validations + 1
             if not at_end:
                 total = plan_from_now(run_plan, deadline, step, train_time / train_steps, validation_time / validations)
-                run_plan = replan(run_plan, total_steps=total)
+                run_plan = plan_is(replan(run_plan, total_steps=total))
             interval_start = clock()
     progress.plan = run_plan.describe()
+    if average is not None:
+        average.finish()  # the last checkpoint's weights, which the export reads when they are the best
     if whole is not None:
         if progress.best_weights != progress.last_weights:
             model.load_weights(os.path.join(config.checkpoint_dir, progress.best_weights))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
-from training.budget import DECAY_SHARE
+from training.budget import DECAY_SHARE, WEIGHT_AVERAGE
 from training.model import CELLS, DROPOUT_MASKS
 from training.tf_runtime import add_log_level_flag
 from training.tokenizer import LEVELS
@@ -64,9 +64,18 @@ BUDGET_DEFAULTS: dict[str, Any] = {
     "stateful": False,
     "dropout_mask": "sequence",
     "weight_drop": 0.0,
+    "weight_average": WEIGHT_AVERAGE,
 }
 # What every budgeted run takes from BUDGET_DEFAULTS, --preset or not.
-BUDGET_OPTIMISER = ("schedule", "weight_decay", "clipping", "stateful", "dropout_mask", "weight_drop")
+BUDGET_OPTIMISER = (
+    "schedule",
+    "weight_decay",
+    "clipping",
+    "stateful",
+    "dropout_mask",
+    "weight_drop",
+    "weight_average",
+)
 SIZE_FLAGS = ("layers", "units", "embedding_dim", "dropout")
 SCHEDULES = ("cosine", "wsd", "constant")
 CLIPPING = ("global", "per-variable", "none")
@@ -117,6 +126,7 @@ class TrainConfig:
     stateful: bool = False  # truncated BPTT: the state carries across consecutive windows
     dropout_mask: str = "token"  # a new dropout mask at each position, or one per window (model.py)
     weight_drop: float = 0.0  # DropConnect on the LSTM's recurrent kernel (model.py)
+    weight_average: float = 0.0  # budgeted runs: the horizon of the weights' moving average, a share of the steps
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seq_len", "stride", "layers", "units", "embedding_dim", "batch_size", "patience"):
@@ -161,6 +171,10 @@ class TrainConfig:
             raise UsageError("--weight-drop needs --time-budget (the budgeted loop runs the dropped kernel)")
         if self.weight_drop and self.cell != "lstm":
             raise UsageError(f"--weight-drop needs --cell lstm, got {self.cell!r}")
+        if not (0.0 <= self.weight_average <= 0.5):
+            raise UsageError(f"--weight-average must be in [0, 0.5], got {self.weight_average}")
+        if self.weight_average and self.time_budget is None:
+            raise UsageError("--weight-average needs --time-budget (the budgeted loop keeps the average)")
         if self.stateful and self.time_budget is None:
             raise UsageError("--stateful needs --time-budget (a budgeted run counts steps over the streams)")
 
@@ -185,7 +199,7 @@ class TrainConfig:
         keys = (
             "corpus level seq_len stride layers units embedding_dim cell batch_size dropout "
             "validation_fraction max_vocab lowercase seed max_steps_per_epoch time_budget auto_size schedule "
-            "decay_share weight_decay clipping clip_norm stateful dropout_mask weight_drop"
+            "decay_share weight_decay clipping clip_norm stateful dropout_mask weight_drop weight_average"
         ).split()
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
 
@@ -276,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-drop",
         type=_number,
         help="budgeted runs: drop this fraction of each LSTM's recurrent weights, a new mask every step (default: 0)",
+    )
+    add(
+        "--weight-average",
+        type=_number,
+        help="budgeted runs: validate, checkpoint and export a moving average of the weights over about this "
+        f"share of the steps; 0 turns it off (default: {WEIGHT_AVERAGE:g})",
     )
     add("--learning-rate", type=_number, help="the peak learning rate with a schedule")
     add(

@@ -57,10 +57,14 @@ def test_the_plan_fills_the_budget_after_the_reserve_and_the_validations() -> No
 
 def test_slow_validations_are_spaced_out_to_their_share() -> None:
     fast = plan(remaining_s=600.0, budget_s=600.0, steps_done=0, step_s=0.1, validation_s=0.5)
-    slow = plan(remaining_s=600.0, budget_s=600.0, steps_done=0, step_s=0.1, validation_s=10.0)
+    slow = plan(remaining_s=1800.0, budget_s=1800.0, steps_done=0, step_s=0.1, validation_s=10.0)
     assert slow.validate_every > fast.validate_every
     validations = math.ceil(slow.total_steps / slow.validate_every)
-    assert validations * 10.0 <= budget.VALIDATION_SHARE * 600.0 + 10.0
+    assert budget.MIN_VALIDATIONS < validations
+    assert validations * 10.0 <= budget.VALIDATION_SHARE * 1800.0 + 10.0
+    # Validations that would take more than their share still happen MIN_VALIDATIONS times.
+    slower = plan(remaining_s=600.0, budget_s=600.0, steps_done=0, step_s=0.1, validation_s=10.0)
+    assert math.ceil(slower.total_steps / slower.validate_every) == budget.MIN_VALIDATIONS
 
 
 def test_a_budget_too_small_for_one_interval_is_an_error_naming_the_flag() -> None:

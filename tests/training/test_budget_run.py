@@ -130,6 +130,7 @@ BAD = {
     "no validation": (["--time-budget", "60s", "--validation-fraction", "0"], "--validation-fraction"),
     "weight decay": (["--weight-decay", "2"], "--weight-decay"),
     "decay share": (["--time-budget", "60s", "--decay-share", "1.5"], "--decay-share"),
+    "weight average": (["--time-budget", "60s", "--weight-average", "0.7"], "--weight-average must be in"),
     "clipping": (["--clipping", "sometimes"], "--clipping"),
     "clip norm": (["--clip-norm", "0"], "--clip-norm"),
     "epochs with a budget": (["--time-budget", "60s", "--epochs", "3"], "--epochs does not apply"),
