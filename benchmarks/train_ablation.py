@@ -2,9 +2,10 @@
 
 The baseline is ``--preset small`` as the presets train (constant learning
 rate 0.004, Adam, per-variable clipping at 5.0, a new dropout mask per token,
-fresh windows) inside the same budget. Each variant changes one thing; ``defaults`` is a budgeted run with
-no flags (every change its rule or default picks), ``small`` the same with
-``--preset small``'s network. Every run is a real
+fresh windows, no weight average) inside the same budget. Each variant
+changes one thing; ``defaults`` is a budgeted run with no flags (every change
+its rule or default picks), ``small`` the same with ``--preset small``'s
+network. Every run is a real
 ``textgen train`` process; the table gives its validation bits per token in
 both protocols (evaluate.py), the difference from the baseline and its wall
 time from process start against the budget.

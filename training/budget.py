@@ -42,8 +42,6 @@ FINAL_LR_FRACTION = 0.05
 # The "wsd" schedule decays over this last share of the steps (stable at the peak before);
 # --decay-share overrides it.
 DECAY_SHARE = 0.8
-# The weights' moving average (--weight-average) spans about this share of the planned steps.
-WEIGHT_AVERAGE = 0.05
 # Time held back for the export and the reloaded sample: a fixed part and a share of the budget.
 EXPORT_RESERVE_S = 6.0
 EXPORT_RESERVE_SHARE = 0.004

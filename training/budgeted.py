@@ -139,6 +139,16 @@ class StepRunner:
         return float(loss), state
 
 
+def _both(averaged: dict[str, float], trained: dict[str, float] | None) -> dict[str, float]:
+    """The last validation's two candidates, for its history record."""
+    if trained is None:
+        return {}
+    return {
+        "average_val_bits_per_token": averaged["val_bits_per_token"],
+        "trained_val_bits_per_token": trained["val_bits_per_token"],
+    }
+
+
 def _clock(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
@@ -166,6 +176,7 @@ def fit_budgeted(
     evaluator = Evaluator(model, model_config, validation_ids, max_tokens=VALIDATION_SAMPLE_TOKENS)
     whole = Evaluator(model, model_config, validation_ids) if evaluator.sampled else None
     average = None
+    keep_average = True  # until the last validation finds the trained weights better
     if config.weight_average:
         with strategy.scope():
             average = WeightAverage(model.trainable_variables)
@@ -205,17 +216,31 @@ def fit_budgeted(
         return new_plan
 
     def validate(last: bool = False) -> None:
+        nonlocal keep_average
         if average is None:
-            validate_weights({})
+            record_validation(evaluator().logs(), {})
             return
-        # The last validation also scores the trained weights themselves: what the average bought.
-        trained = evaluator().logs()["val_bits_per_token"] if last else None
+        # The last validation scores the trained weights too and keeps the better of the two.
+        trained = evaluator().logs() if last else None
         with average.applied():
-            validate_weights({"trained_val_bits_per_token": trained} if last else {})
+            averaged = evaluator().logs()
+            if trained is not None:
+                keep_average = averaged["val_loss"] <= trained["val_loss"]
+                log.info(
+                    "step %d: the weight average scores %.4f bits/token fresh, the trained weights %.4f; keeping %s",
+                    step,
+                    averaged["val_bits_per_token"],
+                    trained["val_bits_per_token"],
+                    "the average" if keep_average else "the trained weights",
+                )
+            if keep_average:
+                record_validation(averaged, _both(averaged, trained))
+                return
+        assert trained is not None
+        record_validation(trained, _both(averaged, trained))
 
-    def validate_weights(extra: dict[str, Any]) -> None:
+    def record_validation(figures: dict[str, float], extra: dict[str, float]) -> None:
         nonlocal seen, seen_steps
-        figures = evaluator().logs()
         record: dict[str, Any] = {
             "step": step,
             "epoch": round(step / batches.steps_per_epoch, 3),
@@ -261,12 +286,6 @@ def fit_budgeted(
             _clock(deadline.budget_s),
             ", best" if improved else "",
         )
-        if extra:
-            log.info(
-                "step %d without the weight average: val %.4f bits/token fresh",
-                step,
-                extra["trained_val_bits_per_token"],
-            )
 
     # Probe: untimed steps (tracing), timed steps, one validation; then plan.
     for _ in range(UNTIMED_STEPS):
@@ -324,7 +343,7 @@ def fit_budgeted(
                 run_plan = plan_is(replan(run_plan, total_steps=total))
             interval_start = clock()
     progress.plan = run_plan.describe()
-    if average is not None:
+    if average is not None and keep_average:
         average.finish()  # the last checkpoint's weights, which the export reads when they are the best
     if whole is not None:
         if progress.best_weights != progress.last_weights:

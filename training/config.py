@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
-from training.budget import DECAY_SHARE, WEIGHT_AVERAGE
+from training.budget import DECAY_SHARE
 from training.model import CELLS, DROPOUT_MASKS
 from training.tf_runtime import add_log_level_flag
 from training.tokenizer import LEVELS
@@ -64,7 +64,7 @@ BUDGET_DEFAULTS: dict[str, Any] = {
     "stateful": False,
     "dropout_mask": "sequence",
     "weight_drop": 0.0,
-    "weight_average": WEIGHT_AVERAGE,
+    "weight_average": 0.0,
 }
 # What every budgeted run takes from BUDGET_DEFAULTS, --preset or not.
 BUDGET_OPTIMISER = (
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-average",
         type=_number,
         help="budgeted runs: validate, checkpoint and export a moving average of the weights over about this "
-        f"share of the steps; 0 turns it off (default: {WEIGHT_AVERAGE:g})",
+        "share of the steps; 0 turns it off (default: 0)",
     )
     add("--learning-rate", type=_number, help="the peak learning rate with a schedule")
     add(

@@ -46,6 +46,7 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
 ) -> None:
     started = time.monotonic()
     regularised = ["--dropout", "0.2", "--dropout-mask", "sequence", "--weight-drop", "0.3", "--decay-share", "0.3"]
+    regularised += ["--weight-average", "0.05"]
     run = _run(*_argv(tmp_path, corpus_file, "--time-budget", "30s", "--stateful", *regularised))
     assert run.returncode == 0, run.stderr
     assert "plan: " in run.stderr and "left of 0m30s" in run.stderr and "% of the 30 s budget" in run.stdout
@@ -74,6 +75,11 @@ def test_a_budgeted_stateful_run_plans_validates_and_exports_a_contract_model(
         )
     )
     assert "sizing" not in info  # size flags were given
+    # The weight average: the last validation kept the better of it and the trained weights.
+    assert info["training"]["weight_average"] == pytest.approx(0.05)
+    candidates = (last["average_val_bits_per_token"], last["trained_val_bits_per_token"])
+    assert last["val_bits_per_token"] == min(candidates)
+    assert "the weight average scores" in run.stderr
     best = min(info["history"], key=lambda r: r["val_loss"])
     assert info["exported_step"] == best["step"] and info["val_loss"] == best["val_loss"]
     check_version(str(tmp_path / "m" / "1"))

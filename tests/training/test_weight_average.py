@@ -60,8 +60,8 @@ def test_the_training_step_updates_the_average_of_every_trainable_weight() -> No
 
 
 def test_the_flag_is_checked_and_needs_a_budget() -> None:
-    assert parse_args(["--time-budget", "60"]).weight_average == pytest.approx(0.05)
-    assert parse_args(["--time-budget", "60", "--weight-average", "0"]).weight_average == 0.0
+    assert parse_args(["--time-budget", "60"]).weight_average == 0.0
+    assert parse_args(["--time-budget", "60", "--weight-average", "0.05"]).weight_average == pytest.approx(0.05)
     with pytest.raises(UsageError, match="--weight-average needs --time-budget"):
         parse_args(["--weight-average", "0.05"])
     with pytest.raises(UsageError, match=r"--weight-average must be in \[0, 0.5\], got 0.7"):
