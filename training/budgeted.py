@@ -6,11 +6,12 @@ learning rate of ``budget.lr_at``. Every ``validate_every`` steps it validates
 in both protocols (``evaluate.py``), logs one progress line, writes TensorBoard
 scalars, keeps the best weights and checkpoints (``progress.json`` holds the
 steps done and the seconds of the budget used, so ``--resume`` continues with
-what is left). After each validation it plans again from the measured step
-time, so a machine that slows down or speeds up still ends on time. A
-budgeted run trains on one replica: workers that time themselves plan
-different steps, and each step is a collective (the CLI refuses a strategy
-with several replicas).
+what is left). With ``--weight-average`` the validations, checkpoints and
+export use a moving average of the weights (``WeightAverage``). After each
+validation it plans again from the measured step time, so a machine that
+slows down or speeds up still ends on time. A budgeted run trains on one
+replica: workers that time themselves plan different steps, and each step is
+a collective (the CLI refuses a strategy with several replicas).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def make_batches(config: TrainConfig, ids: np.ndarray) -> WindowBatches | Stream
 
 
 class WeightAverage:
-    """An exponential moving average of the trainable weights, over a horizon of about ``horizon`` steps.
+    """An exponential moving average of the trainable weights, over about the last ``set_horizon`` steps.
 
     ``update`` runs inside the training step; ``applied`` swaps the average into
     the model for a validation and its checkpoint, and back; ``finish`` leaves
