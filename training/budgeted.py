@@ -140,16 +140,6 @@ class StepRunner:
         return float(loss), state
 
 
-def _both(averaged: dict[str, float], trained: dict[str, float] | None) -> dict[str, float]:
-    """The last validation's two candidates, for its history record."""
-    if trained is None:
-        return {}
-    return {
-        "average_val_bits_per_token": averaged["val_bits_per_token"],
-        "trained_val_bits_per_token": trained["val_bits_per_token"],
-    }
-
-
 def _clock(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
@@ -177,7 +167,6 @@ def fit_budgeted(
     evaluator = Evaluator(model, model_config, validation_ids, max_tokens=VALIDATION_SAMPLE_TOKENS)
     whole = Evaluator(model, model_config, validation_ids) if evaluator.sampled else None
     average = None
-    keep_average = True  # until the last validation finds the trained weights better
     if config.weight_average:
         with strategy.scope():
             average = WeightAverage(model.trainable_variables)
@@ -211,34 +200,38 @@ def fit_budgeted(
         loss, state = runner(*batches(step), start_state(batches, step, state, zero))
         seen, seen_steps, step = seen + loss, seen_steps + 1, step + 1
 
-    def plan_is(new_plan: Plan) -> Plan:
+    def adopt_plan(new_plan: Plan) -> Plan:
         if average is not None:
             average.set_horizon(round(config.weight_average * new_plan.total_steps))
         return new_plan
 
     def validate(last: bool = False) -> None:
-        nonlocal keep_average
         if average is None:
             record_validation(evaluator().logs(), {})
             return
-        # The last validation scores the trained weights too and keeps the better of the two.
-        trained = evaluator().logs() if last else None
+        if not last:
+            with average.applied():
+                record_validation(evaluator().logs(), {})
+            return
+        # The last validation scores the trained weights too and keeps (and exports) the better.
+        trained = evaluator().logs()
         with average.applied():
             averaged = evaluator().logs()
-            if trained is not None:
-                keep_average = averaged["val_loss"] <= trained["val_loss"]
-                log.info(
-                    "step %d: the weight average scores %.4f bits/token fresh, the trained weights %.4f; keeping %s",
-                    step,
-                    averaged["val_bits_per_token"],
-                    trained["val_bits_per_token"],
-                    "the average" if keep_average else "the trained weights",
-                )
-            if keep_average:
-                record_validation(averaged, _both(averaged, trained))
-                return
-        assert trained is not None
-        record_validation(trained, _both(averaged, trained))
+        keep_average = averaged["val_loss"] <= trained["val_loss"]
+        log.info(
+            "step %d: the weight average scores %.4f bits/token fresh, the trained weights %.4f; keeping %s",
+            step,
+            averaged["val_bits_per_token"],
+            trained["val_bits_per_token"],
+            "the average" if keep_average else "the trained weights",
+        )
+        if keep_average:
+            average.finish()
+        both = {
+            "average_val_bits_per_token": averaged["val_bits_per_token"],
+            "trained_val_bits_per_token": trained["val_bits_per_token"],
+        }
+        record_validation(averaged if keep_average else trained, both)
 
     def record_validation(figures: dict[str, float], extra: dict[str, float]) -> None:
         nonlocal seen, seen_steps
@@ -301,7 +294,7 @@ def fit_budgeted(
     validation_s = clock() - started
     # The exported weights are scored on the whole tail once, after the last step.
     final_s = validation_s * whole.tokens / evaluator.tokens if whole is not None else 0.0
-    run_plan = plan_is(
+    run_plan = adopt_plan(
         plan(
             remaining_s=deadline.remaining(),
             budget_s=deadline.budget_s,
@@ -341,11 +334,9 @@ def fit_budgeted(
             validation_time, validations = validation_time + clock() - started, validations + 1
             if not at_end:
                 total = plan_from_now(run_plan, deadline, step, train_time / train_steps, validation_time / validations)
-                run_plan = plan_is(replan(run_plan, total_steps=total))
+                run_plan = adopt_plan(replan(run_plan, total_steps=total))
             interval_start = clock()
     progress.plan = run_plan.describe()
-    if average is not None and keep_average:
-        average.finish()  # the last checkpoint's weights, which the export reads when they are the best
     if whole is not None:
         if progress.best_weights != progress.last_weights:
             model.load_weights(os.path.join(config.checkpoint_dir, progress.best_weights))
