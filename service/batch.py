@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
+from service.decoder import pack_rows
 from service.sampling import SamplingParams, StoppingCriteria
 from service.stream import EngineStream
 
@@ -134,6 +135,7 @@ class Batch:
         # Tensors reused from step to step while the rows do not change (a numpy -> tensor
         # conversion costs about as much as a small model's step).
         self.params_t: tuple[tf.Tensor, ...] | None = None  # (temperature, top_k, top_p, seed)
+        self.floats_t: Any = None  # (temperature, top_p) per row, as decode_steps_packed takes them
         self.tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
         self.want_logprobs = False
 
@@ -177,23 +179,30 @@ class Batch:
         return self.state
 
     def steps_inputs(self, k: int) -> tuple[list[tf.Tensor], np.ndarray, np.ndarray]:
-        """``decode_steps``' inputs for a ``k``-step call, padded to ``padded_rows()`` rows (padding rows
-        are greedy and ignored), and the call's unpadded ``forced`` and ``left`` (``forced_prompts``)."""
+        """``decode_steps_packed``' inputs for a ``k``-step call, padded to ``padded_rows()`` rows (padding
+        rows are greedy and ignored), and the call's unpadded ``forced`` and ``left`` (``forced_prompts``).
+
+        Two arrays become tensors a call: the packed per-row ints, and (once per change of rows)
+        the temperatures and top-ps.
+        """
         xla = self.model.decoder.xla
         rows = self.padded_rows()
         forced, left = self.forced_prompts(k, None if xla is None else xla.max_steps)
         state, source = self._steps_state(rows)
-        inputs = [
-            tf.constant(padded(self.tokens, rows)),
-            state,
-            *self.sampling_tensors(rows),
-            tf.constant(padded(self.position, rows)),
-            tf.constant(k, tf.int32),
-            tf.constant(padded(forced, rows)),
-            tf.constant(padded(left, rows)),
-            tf.constant(source),
-        ]
-        return inputs, forced, left
+        packed = pack_rows(
+            padded(self.tokens, rows),
+            padded(self.top_k, rows),
+            padded(left, rows),
+            source,
+            padded(self.position, rows),
+            padded(self.seed, rows),
+            padded(forced, rows),
+        )
+        if self.floats_t is None or self.floats_t.shape[0] != rows:
+            floats = np.stack([padded(self.temperature, rows), padded(self.top_p, rows, fill=1.0)], axis=1)
+            self.floats_t = tf.constant(floats)
+            self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
+        return [state, tf.constant(packed), self.floats_t, steps_tensor(k)], forced, left
 
     def _steps_state(self, rows: int) -> tuple[tf.Tensor, np.ndarray]:
         """``(state, source)`` for a ``decode_steps`` call of ``rows`` rows, ``source`` padded with -1.
@@ -234,7 +243,7 @@ class Batch:
             setattr(self, name, np.concatenate([getattr(self, name), add[name]]))
         self.rows.extend(rows)
         self._selected = False
-        self.params_t = self.tokens_t = None
+        self.params_t = self.floats_t = self.tokens_t = None
 
     def compact(self) -> None:
         """Drop finished rows: one fancy index per array (the next call selects the state's rows)."""
@@ -248,7 +257,7 @@ class Batch:
         self._selected = False
         if not keep:
             self.state = None
-        self.params_t = self.tokens_t = None
+        self.params_t = self.floats_t = self.tokens_t = None
 
     def reading(self) -> bool:
         """Whether no row has generated yet: every row is still reading its prompt (the batch may read slices).
@@ -346,6 +355,17 @@ class Batch:
         elif len(which):
             self.tokens[which] = ids[which]
             self.position[which] += 1
+
+
+_STEPS: dict[int, tf.Tensor] = {}
+
+
+def steps_tensor(k: int) -> tf.Tensor:
+    """The scalar ``k`` as a tensor, made once per value (the engine thread is its only caller)."""
+    tensor = _STEPS.get(k)
+    if tensor is None:
+        tensor = _STEPS[k] = tf.constant(k, tf.int32)
+    return tensor
 
 
 def padded(values: np.ndarray, rows: int, fill: float = 0) -> np.ndarray:

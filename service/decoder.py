@@ -44,6 +44,9 @@ PREFILL = "prefill"
 PREFILL_FROM = "prefill_from"
 SELECT = "select_state"
 WARMUP_STEPS = 2  # decode_steps warms up with K > 1 and some rows reading a prompt
+# decode_steps' packed int32 rows: tokens, top_k, left, source, position, seed (high, low 32 bits),
+# then ``forced`` (``pack_rows``).
+PACKED_COLUMNS = 7
 
 _configured = threading.Lock()
 _devices_done: list[str] = []
@@ -108,15 +111,21 @@ def _build(checked: CheckedVersion, shapes: XlaShapes | None) -> dict[str, Concr
 
     @tf.function(
         input_signature=[
-            *decode_signature,
+            tf.TensorSpec([None, checked.state_size], tf.float32, name="state"),
+            tf.TensorSpec([None, None if width is None else PACKED_COLUMNS + width], tf.int32, name="rows"),
+            tf.TensorSpec([None, 2], tf.float32, name="floats"),
             tf.TensorSpec([], tf.int32, name="steps"),
-            tf.TensorSpec([None, width], tf.int32, name="forced"),
-            tf.TensorSpec([None], tf.int32, name="left"),
-            tf.TensorSpec([None], tf.int32, name="source"),
         ],
         jit_compile=shapes is not None,
     )
-    def _decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left, source):  # type: ignore[no-untyped-def]
+    def _decode_steps(state, rows, floats, steps):  # type: ignore[no-untyped-def]
+        # The per-row inputs arrive packed (``pack_rows``): two tensors a call instead of ten.
+        tokens, top_k, left, source = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        position = tf.cast(rows[:, 4], tf.int64)
+        seed_hi = tf.bitwise.left_shift(tf.cast(rows[:, 5], tf.int64), 32)
+        seed = tf.bitwise.bitwise_or(seed_hi, tf.bitwise.bitwise_and(tf.cast(rows[:, 6], tf.int64), 0xFFFFFFFF))
+        forced = rows[:, PACKED_COLUMNS:]
+        temperature, top_p = floats[:, 0], floats[:, 1]
         # Row i continues row source[i] of the given state (-1: a zero state, a row that just
         # joined): joins and compactions cost the engine no TensorFlow op of their own.
         state = select_state(state, source)
@@ -177,6 +186,33 @@ def select_state(state: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
     """Row i of the result is row ``source[i]`` of ``state``, or zeros where ``source[i]`` is -1."""
     picked = tf.gather(state, tf.maximum(source, 0))
     return tf.where(source[:, None] >= 0, picked, tf.zeros_like(picked))
+
+
+def pack_rows(
+    tokens: np.ndarray,
+    top_k: np.ndarray,
+    left: np.ndarray,
+    source: np.ndarray,
+    position: np.ndarray,
+    seed: np.ndarray,
+    forced: np.ndarray,
+) -> np.ndarray:
+    """``decode_steps``' per-row int inputs as one int32 ``(B, PACKED_COLUMNS + K)`` array.
+
+    ``position`` must fit in int32 (it counts a row's tokens, at most ``--max-tokens-limit``); the
+    int64 ``seed`` travels as its two 32-bit halves and the graph joins them again.
+    """
+    seed = np.asarray(seed, np.int64)
+    packed = np.empty((len(tokens), PACKED_COLUMNS + forced.shape[1]), np.int32)
+    packed[:, 0] = tokens
+    packed[:, 1] = top_k
+    packed[:, 2] = left
+    packed[:, 3] = source
+    packed[:, 4] = position
+    packed[:, 5] = seed >> 32
+    packed[:, 6] = (seed & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+    packed[:, PACKED_COLUMNS:] = forced
+    return packed
 
 
 def _flat(function: ConcreteFunction) -> Callable[..., Decoded]:
@@ -290,7 +326,16 @@ class Decoder:
         step n on, with sampler position ``position + i - n``. Step i's ids are what K calls of
         ``decode`` would give.
         """
-        return self._decode_steps(tokens, state, temperature, top_k, top_p, seed, position, steps, forced, left, source)
+        rows = pack_rows(*(t.numpy() for t in (tokens, top_k, left, source, position, seed, forced)))
+        return self.decode_steps_packed(state, tf.constant(rows), tf.stack([temperature, top_p], axis=1), steps)
+
+    def decode_steps_packed(self, state: tf.Tensor, rows: tf.Tensor, floats: tf.Tensor, steps: tf.Tensor) -> Decoded:
+        """``decode_steps`` with its per-row inputs packed: what the engine calls, two conversions a call.
+
+        ``rows`` int32[B, PACKED_COLUMNS + K] is ``pack_rows``' array, ``floats`` float32[B, 2] holds
+        each row's temperature and top_p.
+        """
+        return self._decode_steps(state, rows, floats, steps)
 
     def select_state(self, state: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
         """``state`` float32[R,S], ``source`` int32[B] -> float32[B,S]: row ``source[i]``, or zeros for -1."""

@@ -348,7 +348,7 @@ class Engine:
         began = time.monotonic()
         n = len(batch)
         inputs, forced, left = batch.steps_inputs(k)
-        ids_t, logprobs_t, state = batch.model.decoder.decode_steps(*inputs)
+        ids_t, logprobs_t, state = batch.model.decoder.decode_steps_packed(*inputs)
         batch.set_state(state)
         ids = ids_t.numpy()[:k, :n]  # (k, rows): an XLA call's padding rows and steps are dropped
         logprobs = logprobs_t.numpy()[:k, :n] if batch.want_logprobs else np.zeros(ids.shape, np.float32)

@@ -2,7 +2,9 @@
 
 ``EngineClient`` has the ``submit`` of the in-process ``Engine`` (``service/request.py``'s
 ``Submitter``), so the gRPC servicer and the HTTP frontend run unchanged over it. It lives on the
-frontend's event loop and owns one ZeroMQ DEALER socket (``service/ipc.py``):
+frontend's event loop and owns one ZeroMQ DEALER socket (``service/ipc.py``), a plain (blocking-API)
+socket driven by the loop's ``add_reader`` on its file descriptor: every send and receive is one
+non-blocking call, without the futures and callbacks ``zmq.asyncio`` makes per message.
 
 * ``submit`` queues the request; everything queued in one turn of the loop leaves as one message.
 * Each ``out`` message holds a model call's tokens for this frontend's rows. Here they are turned
@@ -21,11 +23,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import zmq
-import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
+from zmq.utils.monitor import parse_monitor_message
 
 from service import ipc
 from service.catalog import ModelCatalog, RemoteModel
@@ -37,6 +39,11 @@ from service.stream import FinishReason, Stream
 log = logging.getLogger(__name__)
 
 ENGINE_GONE = "the engine process exited; retry on another replica"
+
+
+def _readable(socket: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits on ``socket`` (reading EVENTS also re-arms its descriptor's signal)."""
+    return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 @dataclass(eq=False)
@@ -78,9 +85,10 @@ class EngineClient:
         self.metrics = metrics
         self.on_lost = on_lost
         self.lost = False  # the engine process went away
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._context = zmq.Context()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._connected = False  # the monitor saw the connection to the engine
         self._live: dict[int, _Live] = {}
         self._by_stream: dict[Stream, int] = {}
         self._next_rid = 1
@@ -103,18 +111,20 @@ class EngineClient:
         return 0  # the engine counts its queue; a frontend's streams are all "active" here
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.ROUTING_ID, self.name)
         socket.setsockopt(zmq.LINGER, 0)
         monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         socket.connect(self.endpoint)
-        self._socket = socket
-        await socket.send_multipart(ipc.encode_hello())
-        self._tasks = [
-            asyncio.create_task(self._read(socket), name="textgen-engine-read"),
-            asyncio.create_task(self._watch(monitor), name="textgen-engine-watch"),
-        ]
+        self._socket, self._monitor = socket, monitor
+        socket.send_multipart(ipc.encode_hello())  # queued by ZeroMQ until the connection is up
+        # ZeroMQ's descriptor signals edges ("the socket's events changed"), not levels: each
+        # callback drains its socket until EVENTS says there is nothing more (``_drain``).
+        loop.add_reader(socket.fileno(), self._drain)
+        loop.add_reader(monitor.fileno(), self._watch)
+        loop.call_soon(self._drain)
+        loop.call_soon(self._watch)
 
     def submit(
         self,
@@ -171,11 +181,16 @@ class EngineClient:
         self._flush()
 
     async def aclose(self) -> None:
-        """After ``stop``: close the socket and the reader tasks."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """After ``stop``: stop watching the sockets and close them."""
+        self._unwatch()
         self._context.destroy(linger=0)  # closes the socket and its monitor
+
+    def _unwatch(self) -> None:
+        if self._loop is None:
+            return
+        for sock in (self._socket, self._monitor):
+            if sock is not None and not sock.closed:
+                self._loop.remove_reader(sock.fileno())
 
     # ------------------------------------------------------------ sending
     def _cancel(self, stream: Stream) -> None:
@@ -201,6 +216,9 @@ class EngineClient:
             return
         try:
             self._socket.send_multipart(ipc.encode_requests(submits, cancels, acks), flags=zmq.NOBLOCK)
+            # A send can take in what arrived meanwhile without the descriptor signalling it again.
+            if _readable(self._socket) and self._loop is not None:
+                self._loop.call_soon(self._drain)
         except zmq.ZMQError as exc:  # the engine is not there (yet): its streams cannot run
             log.error("cannot reach the engine process: %s", exc)
             for submit in submits:
@@ -209,23 +227,33 @@ class EngineClient:
                     self._end(live, FinishReason.UNAVAILABLE, f"the engine process is not reachable ({exc})")
 
     # ------------------------------------------------------------ receiving
-    async def _read(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await socket.recv_multipart()
+    def _drain(self) -> None:
+        """Handle every message waiting on the socket (the loop calls this when its descriptor is readable)."""
+        socket = self._socket
+        if socket is None or socket.closed:
+            return
+        while _readable(socket):
             try:
-                header, arrays = ipc.decode(frames)
-                if header["t"] == "out":
-                    self._output(*ipc.decode_out(header, arrays))
-                    # Acknowledged once the streams it woke have run (call_soon keeps the order):
-                    # the engine waits for that before it runs ahead of this frontend.
-                    self._acks += 1
-                    self._schedule_flush()
-                elif header["t"] == "models":
-                    self.catalog.update(header["versions"])
-                else:
-                    log.error("unknown message %r from the engine", header["t"])
-            except Exception:  # a bad message must not end the reader: every stream depends on it
-                log.exception("could not handle a message from the engine")
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            header, arrays = ipc.decode(frames)
+            if header["t"] == "out":
+                self._output(*ipc.decode_out(header, arrays))
+                # Acknowledged once the streams it woke have run (call_soon keeps the order):
+                # the engine waits for that before it runs ahead of this frontend.
+                self._acks += 1
+                self._schedule_flush()
+            elif header["t"] == "models":
+                self.catalog.update(header["versions"])
+            else:
+                log.error("unknown message %r from the engine", header["t"])
+        except Exception:  # a bad message must not end the reading: every stream depends on it
+            log.exception("could not handle a message from the engine")
 
     def _output(self, rids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, ends: ipc.Ends) -> None:
         """One model call's tokens for this frontend's rows, then the rows the engine ended.
@@ -305,16 +333,20 @@ class EngineClient:
             self._cancels.append(live.rid)
             self._schedule_flush()
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """Waits for the engine's socket to disconnect after it connected: the engine process is gone."""
-        connected = False
-        while True:
-            event = await recv_monitor_message(monitor)
-            if event["event"] == zmq.EVENT_CONNECTED:
-                connected = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
-                self._engine_lost()
+    def _watch(self) -> None:
+        """The monitor's events: a disconnect after the connection came up means the engine process is gone."""
+        monitor = self._monitor
+        if monitor is None or monitor.closed:
+            return
+        while _readable(monitor):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self._connected and not self.lost:
+                self._engine_lost()
 
     def _engine_lost(self) -> None:
         log.error("the engine process is gone: ending %d streams with UNAVAILABLE", len(self._live))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from service.decoder import DECODE, DECODE_STEPS, PREFILL, PREFILL_FROM, Decoder
+from service.decoder import DECODE, DECODE_STEPS, PREFILL, PREFILL_FROM, Decoder, pack_rows
 from training.contract import list_versions
 
 
@@ -31,9 +31,17 @@ def test_flat_calls_equal_the_concrete_functions(tiny_model_repo) -> None:
         tf.constant([0, 1, 3, 0, 2], tf.int32),
         tf.constant([4, -1, 0, 1, 2], tf.int32),  # rows moved, and one new row (a zero state)
     )
+    temperature, top_k, top_p, seed, position = params
+    k_steps, forced, left, source = steps
+    packed = (
+        state,
+        tf.constant(pack_rows(*(t.numpy() for t in (tokens, top_k, left, source, position, seed, forced)))),
+        tf.stack([temperature, top_p], axis=1),
+        k_steps,
+    )
     calls = [
         (DECODE, decoder.decode, (tokens, state, *params)),
-        (DECODE_STEPS, decoder.decode_steps, (tokens, state, *params, *steps)),
+        (DECODE_STEPS, decoder.decode_steps_packed, packed),
         (PREFILL, decoder.prefill, (slice_tokens, lengths, *params)),
     ]
     if decoder.has_prefill_from:

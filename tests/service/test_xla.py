@@ -167,3 +167,34 @@ def test_a_step_xla_cannot_compile_decodes_op_by_op_with_a_warning(tmp_path, cap
     assert "model faulty version 1: XLA cannot compile its decode" in caplog.text
     assert "compile-time constant" in caplog.text  # TensorFlow's own reason
     assert {b for name, b in model.decoder.warmed if name == DECODE_STEPS} == {1, 8}  # op by op, warmed
+
+
+def test_packed_rows_carry_every_int64_seed_and_draw_what_decode_draws(tiny_model_repo) -> None:
+    """decode_steps takes its per-row ints packed in int32 (the seed as two halves): K = 1 must draw what decode draws."""
+    decoder = Decoder(check_version(_version(tiny_model_repo)))
+    seed = np.array([0, 1, -1, 2**31, 2**32 + 5, -(2**63), 2**63 - 1, -(2**31) - 7], np.int64)
+    b = len(seed)
+    tokens = np.arange(3, 3 + b, dtype=np.int32)
+    temperature = np.full(b, 1.0, np.float32)
+    top_k = np.zeros(b, np.int32)
+    top_p = np.ones(b, np.float32)
+    position = np.arange(b, dtype=np.int64) * 1000
+    state = tf.random.stateless_normal([b, decoder.state_size], seed=[3, 4])
+    sampler = [tf.constant(a) for a in (temperature, top_k, top_p, seed, position)]
+    ids, logprobs, new_state = decoder.decode(tf.constant(tokens), state, *sampler)
+    steps_ids, steps_logprobs, steps_state = decoder.decode_steps(
+        tf.constant(tokens),
+        state,
+        *sampler,
+        tf.constant(1),
+        tf.zeros([b, 1], tf.int32),
+        tf.zeros([b], tf.int32),
+        tf.range(b),
+    )
+    np.testing.assert_array_equal(steps_ids.numpy()[0], ids.numpy())
+    np.testing.assert_allclose(steps_logprobs.numpy()[0], logprobs.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(steps_state.numpy(), new_state.numpy(), rtol=1e-5, atol=1e-6)
+    # The draws depend on the seed: with every seed's low half alone they differ somewhere.
+    low_only = tf.constant(seed & 0xFFFFFFFF)
+    other, _, _ = decoder.decode(tf.constant(tokens), state, *sampler[:3], low_only, sampler[4])
+    assert not np.array_equal(other.numpy(), ids.numpy())
