@@ -41,6 +41,8 @@ class EngineConfig:
 
 # The smallest padded batch: below it a call costs about the same whatever its rows.
 MIN_PADDED_BATCH = 8
+# ``--event-loop``: what ``service.server.run_event_loop`` runs the connection-owning processes on.
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def padded_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -140,6 +142,7 @@ class ServerConfig:
     steps_per_call: int = 8
     call_budget_ms: float = 25.0
     xla: str = "on"
+    event_loop: str = "uvloop"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -270,6 +273,7 @@ def _problems(c: ServerConfig) -> list[str]:
             f"a number of seconds in [0, {_MAX_SECONDS}] (0 = off; gRPC takes it in int32 milliseconds)",
         )
     need(c.xla in ("on", "off"), "xla", c.xla, "on or off")
+    need(c.event_loop in EVENT_LOOPS, "event_loop", c.event_loop, " or ".join(EVENT_LOOPS))
     need(c.log_level.upper() in _LOG_LEVELS, "log_level", c.log_level, f"one of {', '.join(_LOG_LEVELS)}")
     return out
 
@@ -320,6 +324,8 @@ _HELP = {
     "so memory of a large batch goes back to the OS (0 = glibc's own, rising threshold)",
     "xla": "on: compile the K-step decode with XLA at padded batch sizes, each during warm-up (a small model's "
     "call then costs several times less CPU); off: TensorFlow runs it op by op at any batch size",
+    "event_loop": "the event loop of the processes that own connections: uvloop (libuv's loop, less CPU per "
+    "message) or asyncio (the standard library's)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

@@ -17,7 +17,7 @@ import signal
 from typing import Any
 
 from service.config import ServerConfig
-from service.server import FrontendRole, Server
+from service.server import FrontendRole, Server, run_event_loop
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ async def serve(config: ServerConfig, role: FrontendRole, bound: Any = None) -> 
 
 def run(config: ServerConfig, endpoint: str, name: bytes, bound: Any = None) -> int:
     try:
-        return asyncio.run(serve(config, FrontendRole(endpoint, name), bound))
+        return run_event_loop(serve(config, FrontendRole(endpoint, name), bound), config.event_loop)
     except OSError as exc:
         log.error("frontend %s could not start: %s", name.decode(), exc)
         return 1

@@ -23,9 +23,9 @@ import signal
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -427,6 +427,22 @@ async def serve(
 GIL_SWITCH_INTERVAL = 0.0005
 
 
+T = TypeVar("T")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], kind: str) -> T:
+    """Run ``main`` on a new event loop of ``kind`` (``--event-loop``: uvloop or asyncio) until it returns.
+
+    grpc.aio and aiohttp run on any asyncio loop; uvloop's costs less CPU per message and per call.
+    """
+    if kind == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
+
+
 def configure_process(config: ServerConfig, environ: Mapping[str, str], frontends: int = 0) -> int | None:
     """Process-wide tuning, before TensorFlow runs its first op; returns the intra-op threads set (None: kept).
 
@@ -481,7 +497,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         )
     loading: list[Server] = []
     try:
-        code = asyncio.run(serve(config, started=loading.append))
+        code = run_event_loop(serve(config, started=loading.append), config.event_loop)
     except OSError as exc:
         print(f"textgen serve: error: {exc}", file=sys.stderr)
         return 1

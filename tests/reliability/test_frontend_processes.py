@@ -156,7 +156,7 @@ def test_frontends_share_the_port_and_the_engine(start_process: Callable[..., Se
 
 
 def test_the_same_seed_gives_the_same_text_as_one_process(start_process: Callable[..., ServerProcess]) -> None:
-    one = start_process("--frontends", "0")
+    one = start_process("--frontends", "0", "--event-loop", "asyncio")  # and the frontends on uvloop
     two = start_process("--frontends", "2")
     one.wait_serving()
     two.wait_serving()

@@ -170,7 +170,7 @@ def test_a_step_xla_cannot_compile_decodes_op_by_op_with_a_warning(tmp_path, cap
 
 
 def test_packed_rows_carry_every_int64_seed_and_draw_what_decode_draws(tiny_model_repo) -> None:
-    """decode_steps takes its per-row ints packed in int32 (the seed as two halves): K = 1 must draw what decode draws."""
+    """decode_steps takes its per-row ints packed in int32 (the seed as two halves): K = 1 draws what decode draws."""
     decoder = Decoder(check_version(_version(tiny_model_repo)))
     seed = np.array([0, 1, -1, 2**31, 2**32 + 5, -(2**63), 2**63 - 1, -(2**31) - 7], np.int64)
     b = len(seed)
