@@ -107,9 +107,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in order:
                 level = measure_level(servers[name], args.streams, args.tokens, 16, 300.0)
                 runs[name]["tokens_per_s"].append(level["tokens_per_s"])
+                line = f"round {round_ + 1} {name}: {level['tokens_per_s']:,.0f} tokens/s"
                 if level.get("cpu_us_per_token") is not None:
                     runs[name]["cpu_us_per_token"].append(level["cpu_us_per_token"])
-                line = f"round {round_ + 1} {name}: {level['tokens_per_s']:,.0f} tokens/s"
+                    line += f", {level['cpu_us_per_token']:.1f} us CPU/token"
+                # Each process role's share (engine, frontends, other), so a change is seen where it acts.
+                for role, value in sorted((level.get("cpu_us_per_token_by_role") or {}).items()):
+                    runs[name].setdefault(f"{role}_us_per_token", []).append(value)
+                    line += f" ({role} {value:.1f})"
                 if not args.no_interference:
                     ratio = interference_ratio(measure_interference(servers[name].target, bench.name, interference))
                     if ratio is not None:
