@@ -112,9 +112,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs[name]["cpu_us_per_token"].append(level["cpu_us_per_token"])
                     line += f", {level['cpu_us_per_token']:.1f} us CPU/token"
                 # Each process role's share (engine, frontends, other), so a change is seen where it acts.
-                for role, value in sorted((level.get("cpu_us_per_token_by_role") or {}).items()):
+                roles = sorted((level.get("cpu_us_per_token_by_role") or {}).items())
+                for role, value in roles:
                     runs[name].setdefault(f"{role}_us_per_token", []).append(value)
-                    line += f" ({role} {value:.1f})"
+                if roles:
+                    line += " (" + ", ".join(f"{role} {value:.1f}" for role, value in roles) + ")"
                 if not args.no_interference:
                     ratio = interference_ratio(measure_interference(servers[name].target, bench.name, interference))
                     if ratio is not None:

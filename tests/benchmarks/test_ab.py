@@ -41,6 +41,9 @@ def test_quick_ab_runs_every_tree_every_round(tmp_path: Path) -> None:
         assert len(result["runs"][name]["tokens_per_s"]) == 2
         assert all(t > 0 for t in result["runs"][name]["tokens_per_s"])
         assert result["medians"][name]["tokens_per_s"] > 0
-        # One process (--frontends=0): the engine's role holds all of the server's CPU.
-        assert result["runs"][name]["engine_us_per_token"] == result["runs"][name]["cpu_us_per_token"]
+        # Each role's CPU per token, every round; together they are the server's.
+        runs = result["runs"][name]
+        roles = [runs[f"{role}_us_per_token"] for role in ("engine", "frontends", "other")]
+        assert all(len(values) == 2 for values in roles)
+        assert [sum(parts) for parts in zip(*roles, strict=True)] == pytest.approx(runs["cpu_us_per_token"])
     assert "medians over 2 rounds" in proc.stdout
