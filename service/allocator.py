@@ -10,10 +10,10 @@ keeps that memory in its RSS, fragmented across one arena per thread.
 
 Setting ``M_MMAP_THRESHOLD`` with ``mallopt`` fixes the threshold (it turns the
 dynamic adjustment off): blocks above it are always mapped and unmapped, so
-the server's RSS follows its live batch. Measured (benchmarks/README.md): side by
-side on one build, the RSS growth of the first 1000-stream level went from 57 to 28
-KiB per stream, with no loss of tokens/s; in the committed ``textgen bench`` runs the
-target's figure (peak over the RSS after warm-up, per stream) went from 75 to 47 KiB.
+the server's RSS follows its live batch. Each mapping is page-faulted afresh, so
+the threshold (1 MiB by default) sits above the buffers of the batches that run
+most: a decode call's buffers at 64 rows of a 512-unit model are under 1 MiB
+(benchmarks/README.md has the measurements).
 ``MALLOC_MMAP_THRESHOLD_`` in the environment does the same for any process; when an
 operator has set it, glibc has applied it at start-up and this module leaves it alone.
 """

@@ -138,7 +138,7 @@ class ServerConfig:
     health_port: int = -1
     intra_op_threads: int = 0
     frontends: int = -1
-    malloc_mmap_threshold: int = 131072
+    malloc_mmap_threshold: int = 1048576
     steps_per_call: int = 8
     call_budget_ms: float = 25.0
     xla: str = "on"

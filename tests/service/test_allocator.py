@@ -65,4 +65,4 @@ def test_zero_or_the_glibc_variable_leave_the_allocator_alone_and_bad_values_are
     with pytest.raises(ConfigError, match=r"--malloc-mmap-threshold must be 0 \(off\) or in .* got 67108864"):
         parse_config(["--malloc-mmap-threshold", str(64 << 20)], {})
     assert parse_config([], {"TEXTGEN_MALLOC_MMAP_THRESHOLD": "0"}).malloc_mmap_threshold == 0
-    assert parse_config([], {}).malloc_mmap_threshold == 131072
+    assert parse_config([], {}).malloc_mmap_threshold == 1048576
