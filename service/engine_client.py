@@ -115,6 +115,9 @@ class EngineClient:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.ROUTING_ID, self.name)
         socket.setsockopt(zmq.LINGER, 0)
+        # No high-water mark: a burst of requests while the engine is busy queues here instead of
+        # failing the sends (EAGAIN); what this frontend accepts already bounds the queue.
+        socket.setsockopt(zmq.SNDHWM, 0)
         monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         socket.connect(self.endpoint)
         self._socket, self._monitor = socket, monitor
