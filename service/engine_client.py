@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -44,6 +44,15 @@ ENGINE_GONE = "the engine process exited; retry on another replica"
 def _readable(socket: zmq.Socket[bytes]) -> bool:
     """Whether a message waits on ``socket`` (reading EVENTS also re-arms its descriptor's signal)."""
     return bool(cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _waiting(socket: zmq.Socket[bytes] | None) -> Iterator[list[bytes]]:
+    """Every message waiting on ``socket`` now, each read without blocking (none once it is closed)."""
+    while socket is not None and not socket.closed and _readable(socket):
+        try:
+            yield socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 @dataclass(eq=False)
@@ -232,14 +241,7 @@ class EngineClient:
     # ------------------------------------------------------------ receiving
     def _drain(self) -> None:
         """Handle every message waiting on the socket (the loop calls this when its descriptor is readable)."""
-        socket = self._socket
-        if socket is None or socket.closed:
-            return
-        while _readable(socket):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in _waiting(self._socket):
             self._handle(frames)
 
     def _handle(self, frames: list[bytes]) -> None:
@@ -338,14 +340,8 @@ class EngineClient:
 
     def _watch(self) -> None:
         """The monitor's events: a disconnect after the connection came up means the engine process is gone."""
-        monitor = self._monitor
-        if monitor is None or monitor.closed:
-            return
-        while _readable(monitor):
-            try:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        for frames in _waiting(self._monitor):
+            event = parse_monitor_message(frames)
             if event["event"] == zmq.EVENT_CONNECTED:
                 self._connected = True
             elif event["event"] == zmq.EVENT_DISCONNECTED and self._connected and not self.lost:
