@@ -54,6 +54,7 @@ def test_every_field_has_a_flag_and_an_environment_variable() -> None:
         "malloc_mmap_threshold": "4096",
         "cors_allow_origin": "*",
         "xla": "off",
+        "event_loop": "asyncio",
     }
     # Fields that are only valid together with others (given as flags in both cases).
     companions = {
