@@ -158,7 +158,6 @@ class Batch:
                 tf.constant(padded(self.top_p, n, fill=1.0)),
                 tf.constant(padded(self.seed, n)),
             )
-            self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
         return self.params_t
 
     def tokens_tensor(self) -> tf.Tensor:
@@ -201,7 +200,6 @@ class Batch:
         if self.floats_t is None or self.floats_t.shape[0] != rows:
             floats = np.stack([padded(self.temperature, rows), padded(self.top_p, rows, fill=1.0)], axis=1)
             self.floats_t = tf.constant(floats)
-            self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
         return [state, tf.constant(packed), self.floats_t, steps_tensor(k)], forced, left
 
     def _steps_state(self, rows: int) -> tuple[tf.Tensor, np.ndarray]:
@@ -242,8 +240,7 @@ class Batch:
         for name in self.ARRAYS:
             setattr(self, name, np.concatenate([getattr(self, name), add[name]]))
         self.rows.extend(rows)
-        self._selected = False
-        self.params_t = self.floats_t = self.tokens_t = None
+        self._rows_changed()
 
     def compact(self) -> None:
         """Drop finished rows: one fancy index per array (the next call selects the state's rows)."""
@@ -254,10 +251,15 @@ class Batch:
         index = np.array(keep, np.int64)
         for name in self.ARRAYS:
             setattr(self, name, getattr(self, name)[index])
-        self._selected = False
         if not keep:
             self.state = None
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        """After a join or a compaction: the cached tensors and what is derived from the rows are stale."""
+        self._selected = False
         self.params_t = self.floats_t = self.tokens_t = None
+        self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
 
     def reading(self) -> bool:
         """Whether no row has generated yet: every row is still reading its prompt (the batch may read slices).

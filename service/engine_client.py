@@ -194,15 +194,11 @@ class EngineClient:
 
     async def aclose(self) -> None:
         """After ``stop``: stop watching the sockets and close them."""
-        self._unwatch()
+        if self._loop is not None:
+            for sock in (self._socket, self._monitor):
+                if sock is not None and not sock.closed:
+                    self._loop.remove_reader(sock.fileno())
         self._context.destroy(linger=0)  # closes the socket and its monitor
-
-    def _unwatch(self) -> None:
-        if self._loop is None:
-            return
-        for sock in (self._socket, self._monitor):
-            if sock is not None and not sock.closed:
-                self._loop.remove_reader(sock.fileno())
 
     # ------------------------------------------------------------ sending
     def _cancel(self, stream: Stream) -> None:

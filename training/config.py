@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-average",
         type=_number,
         help="budgeted runs: validate, checkpoint and export a moving average of the weights over about this "
-        "share of the steps; 0 turns it off (default: 0)",
+        f"share of the steps; 0 turns it off (default: {BUDGET_DEFAULTS['weight_average']:g})",
     )
     add("--learning-rate", type=_number, help="the peak learning rate with a schedule")
     add(
