@@ -118,10 +118,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if roles:
                     line += " (" + ", ".join(f"{role} {value:.1f}" for role, value in roles) + ")"
                 if not args.no_interference:
-                    ratio = interference_ratio(measure_interference(servers[name].target, bench.name, interference))
+                    result = measure_interference(servers[name].target, bench.name, interference)
+                    ratio = interference_ratio(result)
                     if ratio is not None:
+                        # The ratio's two terms too: a ratio that grows because p50 fell is not a loss.
+                        p99 = result["with_arrivals"]["itl_ms_p99"]
+                        p50 = result["without_arrivals"]["itl_ms_p50"]
                         runs[name]["interference_ratio"].append(ratio)
-                    line += f", interference {ratio:.2f}x" if ratio is not None else ", interference -"
+                        runs[name].setdefault("itl_ms_p99_with_arrivals", []).append(p99)
+                        runs[name].setdefault("itl_ms_p50_without", []).append(p50)
+                        line += f", interference {ratio:.2f}x (p99 {p99:.2f} / p50 {p50:.2f} ms)"
+                    else:
+                        line += ", interference -"
                 print(line, flush=True)
     finally:
         for running in started:

@@ -59,8 +59,10 @@ class E2EConfig:
     level_timeout: float = 120.0
     server_max_batch_size: int = 1024
     server_max_concurrent: int = 1024
-    # Both servers' --steps-per-call and --call-budget-ms (the server's defaults).
+    # Both servers' K flags and --call-budget-ms (the server's defaults).
     server_steps_per_call: int = 8
+    server_max_steps_per_call: int = 32
+    server_row_steps_per_call: int = 256
     server_call_budget_ms: float = 25.0
     # --max-batch-size 1: far slower, so less work per level and one repeat.
     baseline_streams: tuple[int, ...] = (1, 16, 64, 256, 1000)
@@ -74,6 +76,19 @@ class E2EConfig:
             (self.baseline_total_tokens, self.baseline_min_tokens) if baseline else (self.total_tokens, self.min_tokens)
         )
         return max(low, min(self.max_tokens, total // streams))
+
+    def server_flags(self) -> tuple[str, ...]:
+        """K and the call budget, as every server of the run gets them (the ceiling never below K)."""
+        return (
+            "--steps-per-call",
+            str(self.server_steps_per_call),
+            "--max-steps-per-call",
+            str(max(self.server_max_steps_per_call, self.server_steps_per_call)),
+            "--row-steps-per-call",
+            str(self.server_row_steps_per_call),
+            "--call-budget-ms",
+            f"{self.server_call_budget_ms:g}",
+        )
 
 
 @dataclass(frozen=True)
@@ -170,12 +185,7 @@ def make_server(config: BenchConfig, models_dir: str, max_batch_size: int) -> Se
         max_queue=max(e2e.server_max_concurrent, max(e2e.streams), max(e2e.baseline_streams)),
         # Both servers get the same K and budget; with --max-batch-size 1 and requests
         # waiting to join, the engine makes one step per call anyway.
-        extra_args=(
-            "--steps-per-call",
-            str(e2e.server_steps_per_call),
-            "--call-budget-ms",
-            f"{e2e.server_call_budget_ms:g}",
-        ),
+        extra_args=e2e.server_flags(),
     )
     tag = "mbs1" if max_batch_size == 1 else "batched"
     return ServerProcess(spec, os.path.join(config.out, "logs", f"server-{tag}.log"))
@@ -357,8 +367,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 server.__exit__()
     if config.run_e2e and config.run_burst:
         print(f"burst: {config.burst.streams:,} streams opened at once ...", flush=True)
-        e2e = config.e2e  # the e2e servers' K and budget
-        flags = ("--steps-per-call", str(e2e.server_steps_per_call), "--call-budget-ms", f"{e2e.server_call_budget_ms}")
+        flags = config.e2e.server_flags()  # the e2e servers' K and budget
         results["burst"] = run_bursts(models_dir, "bench", config.burst, os.path.join(config.out, "logs"), flags)
     results["seconds"] = time.perf_counter() - started
     return results
@@ -413,6 +422,9 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--no-floor", action="store_true", help="skip the bare gRPC server's levels")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
     parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
+    parser.add_argument(
+        "--row-steps-per-call", type=int, help="the servers' --row-steps-per-call (default 256; 0: K stays fixed)"
+    )
     parser.add_argument("--call-budget-ms", type=float, help="the servers' --call-budget-ms (default 25)")
     add_log_level_flag(parser)
     args = parser.parse_args(list(argv))
@@ -454,6 +466,10 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         if args.steps_per_call < 1:
             parser.error(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
         e2e = replace(e2e, server_steps_per_call=args.steps_per_call)
+    if args.row_steps_per_call is not None:
+        if args.row_steps_per_call < 0:
+            parser.error(f"--row-steps-per-call must be at least 0, got {args.row_steps_per_call}")
+        e2e = replace(e2e, server_row_steps_per_call=args.row_steps_per_call)
     if args.call_budget_ms is not None:
         if args.call_budget_ms < 0:
             parser.error(f"--call-budget-ms must be at least 0, got {args.call_budget_ms}")

@@ -11,9 +11,10 @@ or riding in the decode batch, one token per step (``feed_prompts``, ``forced_pr
 whose ``decode_steps`` XLA compiled runs at a padded batch size (``padded_rows``): the inputs
 (``steps_inputs``) get padding rows, and the state keeps the call's padding rows after the batch's.
 
-``CallBudget`` decides how many decode steps one model call makes (K): ``steps_per_call``, cut so
-that a call takes at most ``call_budget`` seconds by the batch's measured step time. It is plain
-Python and is tested without a model.
+``CallBudget`` decides how many decode steps one model call makes (K): ``steps_per_call``, raised
+for a small batch so that a call decodes about ``row_steps`` rows x steps (up to ``max_steps``),
+then cut so that a call takes at most ``call_budget`` seconds by the batch's measured step time.
+It is plain Python and is tested without a model.
 """
 
 from __future__ import annotations
@@ -76,16 +77,21 @@ class Row:
 
 
 class CallBudget:
-    """K, the decode steps of the next call: ``steps_per_call``, cut to what fits in ``call_budget`` seconds.
+    """K, the decode steps of the next call: ``steps_per_call``, or more for a small batch, cut to ``call_budget``.
 
+    A call has a fixed cost (its inputs, the call itself, delivering its output) that its tokens
+    share: a batch of fewer than ``row_steps / steps_per_call`` rows takes ``ceil(row_steps / rows)``
+    steps, at most ``max_steps`` (``row_steps`` 0: never more than ``steps_per_call``). Then
     ``record`` folds each call's time per step into a moving average (about the last 8 calls); a
     batch size outside 0.8-1.25 times the one last timed restarts it, and rows that joined since
     scale the estimate up (a step's cost grows less than linearly with its rows, so the scaled
     figure errs long and the call short of its budget). With no step timed yet, K is 1.
     """
 
-    def __init__(self, steps_per_call: int, call_budget: float) -> None:
+    def __init__(self, steps_per_call: int, call_budget: float, max_steps: int = 0, row_steps: int = 0) -> None:
         self.steps_per_call = steps_per_call
+        self.max_steps = max(max_steps, steps_per_call)
+        self.row_steps = row_steps
         self.call_budget = call_budget
         self.step_seconds = 0.0  # moving average of one decode step's time (0: none yet)
         self.step_rows = 0  # the batch size when step_seconds was last updated
@@ -101,8 +107,14 @@ class CallBudget:
         """The next step's time for ``rows`` rows (a batch that shrank keeps its larger figure)."""
         return self.step_seconds * max(1.0, rows / max(self.step_rows, 1))
 
+    def wanted(self, rows: int) -> int:
+        """K before the time budget: ``steps_per_call``, or enough steps for ``row_steps`` rows x steps."""
+        if self.row_steps <= 0 or rows <= 0:
+            return self.steps_per_call
+        return min(self.max_steps, max(self.steps_per_call, -(-self.row_steps // rows)))
+
     def steps(self, rows: int) -> int:
-        k = self.steps_per_call
+        k = self.wanted(rows)
         if k == 1 or self.call_budget <= 0.0:
             return k
         if self.step_seconds <= 0.0:

@@ -32,6 +32,8 @@ class EngineConfig:
     max_queue: int  # accepted but waiting
     max_batch_size: int  # rows in one model call; 1 = no batching (the baseline)
     steps_per_call: int  # decode steps per model call while nobody waits to join
+    max_steps_per_call: int  # K's ceiling for a small batch (the XLA width)
+    row_steps_per_call: int  # rows x steps a call aims for: a small batch takes more steps (0 = never)
     call_budget: float  # seconds one multi-step call may take (0 = no limit)
     # Readers of one event loop are woken at most once per this many seconds while the engine
     # runs (always at once when it goes idle): on a fast model the cross-thread wake-up, not the
@@ -140,6 +142,8 @@ class ServerConfig:
     frontends: int = -1
     malloc_mmap_threshold: int = 1048576
     steps_per_call: int = 8
+    max_steps_per_call: int = 32
+    row_steps_per_call: int = 256
     call_budget_ms: float = 25.0
     xla: str = "on"
     event_loop: str = "uvloop"
@@ -157,6 +161,8 @@ class ServerConfig:
             max_queue=self.max_queue,
             max_batch_size=self.max_batch_size,
             steps_per_call=self.steps_per_call,
+            max_steps_per_call=self.max_steps_per_call,
+            row_steps_per_call=self.row_steps_per_call,
             call_budget=self.call_budget_ms / 1000.0,
         )
 
@@ -173,7 +179,7 @@ class ServerConfig:
     @property
     def xla_shapes(self) -> XlaShapes | None:
         """The shapes the K-step decode is XLA-compiled for, or None with ``--xla off``."""
-        return XlaShapes.for_server(self.max_batch_size, self.steps_per_call) if self.xla == "on" else None
+        return XlaShapes.for_server(self.max_batch_size, self.max_steps_per_call) if self.xla == "on" else None
 
     @property
     def warmup_batch_sizes(self) -> tuple[int, ...]:
@@ -219,6 +225,8 @@ def _problems(c: ServerConfig) -> list[str]:
         "max_batch_size",
         "max_receive_message_bytes",
         "steps_per_call",
+        "max_steps_per_call",
+        "row_steps_per_call",
     ):
         value = getattr(c, name)
         need(value <= _INT32_MAX, name, value, f"<= {_INT32_MAX} (gRPC and TensorFlow take it as an int32)")
@@ -249,6 +257,13 @@ def _problems(c: ServerConfig) -> list[str]:
         need(value is None or bool(value), name, value, "a file path")
     need(c.max_stop_sequences >= 0, "max_stop_sequences", c.max_stop_sequences, ">= 0")
     need(c.steps_per_call >= 1, "steps_per_call", c.steps_per_call, ">= 1")
+    need(
+        c.max_steps_per_call >= c.steps_per_call,
+        "max_steps_per_call",
+        c.max_steps_per_call,
+        f">= --steps-per-call ({c.steps_per_call})",
+    )
+    need(c.row_steps_per_call >= 0, "row_steps_per_call", c.row_steps_per_call, ">= 0 (0 = K stays --steps-per-call)")
     need(0.0 <= c.call_budget_ms <= 10_000.0, "call_budget_ms", c.call_budget_ms, "in [0, 10000] ms (0 = no limit)")
     need(c.intra_op_threads >= 0, "intra_op_threads", c.intra_op_threads, ">= 0 (0 = automatic)")
     need(-1 <= c.frontends <= 256, "frontends", c.frontends, "in [-1, 256] (-1 = automatic, 0 = one process)")
@@ -314,6 +329,10 @@ _HELP = {
     "auth_token_file": "file of bearer tokens, one per line, reloaded when it changes; textgen RPCs then need one",
     "health_port": "plaintext port serving only grpc.health.v1, for probes when TLS is on (-1 = off, 0 = free port)",
     "steps_per_call": "decode steps per model call while no request waits to join (tokens then arrive K at a time)",
+    "max_steps_per_call": "most decode steps in one call of a small batch (see --row-steps-per-call; equal to "
+    "--steps-per-call: never more than that)",
+    "row_steps_per_call": "rows x steps one call aims for: a batch of fewer than this / --steps-per-call rows takes "
+    "more steps, up to --max-steps-per-call, so a call's fixed cost is shared by as many tokens (0 = off)",
     "call_budget_ms": "longest a multi-step call may take: K is cut to this over the batch's measured step time, "
     "so large batches stream token by token (0 = always --steps-per-call)",
     "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus the frontends' cores, "

@@ -282,8 +282,7 @@ class Engine:
                 still.append(request)
                 continue
             if batch is None:
-                budget = CallBudget(self.config.steps_per_call, self.config.call_budget)
-                batch = self._batches[request.model] = Batch(request.model, budget)
+                batch = self._batches[request.model] = Batch(request.model, self._budget(request.model))
             row = Row.admit(request)
             self._rows[request.stream] = (batch, row)
             admitted.setdefault(batch, []).append(row)
@@ -299,6 +298,16 @@ class Engine:
                 self._n_waiting -= n_admitted
                 self._n_active += n_admitted
         return admitted
+
+    def _budget(self, model: LoadedModel) -> CallBudget:
+        """A new batch's call budget: K never exceeds the steps its version's XLA decode was compiled for."""
+        c = self.config
+        most = (
+            c.max_steps_per_call
+            if model.decoder.xla is None
+            else min(c.max_steps_per_call, model.decoder.xla.max_steps)
+        )
+        return CallBudget(min(c.steps_per_call, most), c.call_budget, most, c.row_steps_per_call)
 
     def _step(self, batch: Batch, new_rows: list[Row]) -> None:
         now = time.monotonic()

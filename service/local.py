@@ -120,7 +120,7 @@ async def stream_text(
 
 def _one_row_xla(config: ServerConfig) -> XlaShapes | None:
     """The server's XLA setting for a batch that never has more than one row (one compiled size)."""
-    return None if config.xla_shapes is None else XlaShapes.for_server(1, config.steps_per_call)
+    return None if config.xla_shapes is None else XlaShapes.for_server(1, config.max_steps_per_call)
 
 
 def generate(model: LoadedModel, prompt: str, params: SamplingParams, out: TextIO) -> Chunk:

@@ -27,7 +27,18 @@ from tests.helpers import ServerProcess, health_status, metric_sample, scrape, w
 pytestmark = pytest.mark.timeout(300)
 
 LONG = 200_000  # tokens: a stream that runs until the test ends it
-FLAGS = ("--frontends", "2", "--max-tokens-limit", str(LONG), "--steps-per-call", "1", "--grace-seconds", "20")
+FLAGS = (
+    "--frontends",
+    "2",
+    "--max-tokens-limit",
+    str(LONG),
+    "--steps-per-call",
+    "1",
+    "--row-steps-per-call",
+    "0",
+    "--grace-seconds",
+    "20",
+)
 CONNECTIONS = 12
 
 

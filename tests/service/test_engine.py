@@ -185,8 +185,8 @@ def test_cancel_frees_the_row_within_one_model_call(engine, model, metrics):
     assert last.finish_reason == "cancelled"
     assert wait_until(lambda: engine.active == 0)
     assert wait_until(lambda: sample_value(metrics, "textgen_active_sequences", {"model": "tiny"}) == 0)
-    # The engine finished the call it was in (at most steps_per_call steps), then no other.
-    assert engine.steps - at_cancel <= engine.config.steps_per_call
+    # The engine finished the call it was in (at most max_steps_per_call steps), then no other.
+    assert engine.steps - at_cancel <= engine.config.max_steps_per_call
 
 
 def test_deadline_frees_the_row_within_one_model_call(engine, model):
@@ -203,8 +203,9 @@ def test_deadline_frees_the_row_within_one_model_call(engine, model):
     assert last.finish_reason == "deadline"
     assert 0 < last.completion_tokens < 100_000
     assert wait_until(lambda: engine.active == 0)
-    # The engine finished the call it was in when the deadline passed (at most steps_per_call steps), then no other.
-    assert engine.steps - at_deadline <= engine.config.steps_per_call
+    # The engine finished the call it was in when the deadline passed (at most max_steps_per_call steps), then no
+    # other.
+    assert engine.steps - at_deadline <= engine.config.max_steps_per_call
 
 
 def test_capacity_error_at_once_when_full(model):
@@ -315,7 +316,7 @@ LONG_PROMPT = ("The object " * 60)[:600]
 
 
 def test_a_long_prompt_rides_along_without_stalling_running_streams(model):
-    engine = Engine(engine_config(steps_per_call=1))
+    engine = Engine(engine_config(steps_per_call=1, row_steps_per_call=0))
     engine.start()
     try:
         steps, got = asyncio.run(_long_prompt_arrives(engine, model, LONG_PROMPT))
@@ -438,7 +439,11 @@ def test_several_steps_per_call_give_the_same_streams_as_one(model, metrics):
         steps_per_call: int, call_budget_ms: float = 0.0
     ) -> tuple[list[tuple[str, list[int], list[float], str | None, int]], Engine]:
         config = engine_config(
-            max_concurrent=8, max_queue=8, steps_per_call=steps_per_call, call_budget_ms=call_budget_ms
+            max_concurrent=8,
+            max_queue=8,
+            steps_per_call=steps_per_call,
+            row_steps_per_call=0,  # K is exactly steps_per_call, however few the rows
+            call_budget_ms=call_budget_ms,
         )
         engine = Engine(config, metrics)
         engine.start()
@@ -504,7 +509,7 @@ def test_multi_step_calls_spread_inter_token_latency_over_their_tokens(model):
     """
     for k in (1, 8):
         metrics = ServingMetrics()
-        engine = Engine(engine_config(max_concurrent=32, max_queue=32, steps_per_call=k), metrics)
+        engine = Engine(engine_config(max_concurrent=32, max_queue=32, steps_per_call=k, row_steps_per_call=0), metrics)
         engine.start()
         try:
 
@@ -538,7 +543,8 @@ def test_prompts_ride_inside_multi_step_calls_with_the_same_streams_as_one_step(
     first = (PROMPT, SamplingParams(max_tokens=400, temperature=1.0, seed=20, include_tokens=True))
 
     def run(steps_per_call: int) -> tuple[list[tuple[str, list[int], list[float], str | None]], Engine]:
-        engine = Engine(engine_config(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call), metrics)
+        config = engine_config(max_concurrent=8, max_queue=8, steps_per_call=steps_per_call, row_steps_per_call=0)
+        engine = Engine(config, metrics)
         engine.start()
         try:
 
@@ -584,6 +590,20 @@ def test_the_call_budget_follows_the_batch_size():
     assert budget.steps(64) == 1  # shrunk: the larger figure holds until a step is timed
     budget.record(64, 0.003)
     assert budget.steps(64) == 8
+
+
+def test_a_small_batch_takes_more_steps_up_to_the_ceiling():
+    """K grows for a batch of fewer than row_steps / steps_per_call rows, never past max_steps or the budget."""
+    budget = CallBudget(steps_per_call=8, call_budget=0.0, max_steps=32, row_steps=256)
+    assert [budget.steps(rows) for rows in (1, 8, 9, 16, 31, 32, 64, 1000)] == [32, 32, 29, 16, 9, 8, 8, 8]
+    assert CallBudget(steps_per_call=8, call_budget=0.0, max_steps=32, row_steps=0).steps(1) == 8  # off
+    assert CallBudget(steps_per_call=8, call_budget=0.0, max_steps=4, row_steps=256).steps(1) == 8  # never below K
+    timed = CallBudget(steps_per_call=8, call_budget=0.025, max_steps=32, row_steps=256)
+    timed.record(4, 0.001)
+    assert timed.steps(4) == 25  # wanted 32; 25 ms / 1 ms
+    fast = CallBudget(steps_per_call=8, call_budget=0.025, max_steps=32, row_steps=256)
+    fast.record(4, 0.0001)
+    assert fast.steps(4) == 32
 
 
 def test_one_step_per_call_or_no_budget_ignores_the_timing():

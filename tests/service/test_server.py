@@ -55,6 +55,7 @@ def test_every_field_has_a_flag_and_an_environment_variable() -> None:
         "cors_allow_origin": "*",
         "xla": "off",
         "event_loop": "asyncio",
+        "max_steps_per_call": "64",
     }
     # Fields that are only valid together with others (given as flags in both cases).
     companions = {

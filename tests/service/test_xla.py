@@ -40,8 +40,10 @@ def test_a_call_runs_at_the_next_compiled_size() -> None:
 
 
 def test_the_server_compiles_its_batch_sizes_unless_xla_is_off() -> None:
-    config = ServerConfig(max_batch_size=32, steps_per_call=4)
-    assert config.xla_shapes == XlaShapes((8, 16, 32), 4)
+    config = ServerConfig(max_batch_size=32, steps_per_call=4, max_steps_per_call=16)
+    assert config.xla_shapes == XlaShapes((8, 16, 32), 16)  # as wide as a small batch's longest call
+    with pytest.raises(ConfigError, match=r"--max-steps-per-call must be >= --steps-per-call \(8\), got 4"):
+        ServerConfig(steps_per_call=8, max_steps_per_call=4)
     assert ServerConfig(xla="off").xla_shapes is None
     with pytest.raises(ConfigError, match=r"--xla must be on or off, got 'yes'"):
         ServerConfig(xla="yes")
