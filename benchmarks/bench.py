@@ -34,7 +34,14 @@ from typing import Any
 from benchmarks.burst import PHASES as BURST_PHASES
 from benchmarks.burst import QUICK as QUICK_BURST
 from benchmarks.burst import BurstConfig, run_bursts
-from benchmarks.e2e_bench import Profiler, ServerProcess, ServerSpec, measure_level, summarize_profile
+from benchmarks.e2e_bench import (
+    Profiler,
+    ServerProcess,
+    ServerSpec,
+    measure_level,
+    strip_local_paths,
+    summarize_profile,
+)
 from benchmarks.floor_server import FloorProcess, FloorSpec
 from benchmarks.interference import InterferenceConfig, measure_interference
 from benchmarks.untrusted_prompts import QUICK as QUICK_UNTRUSTED
@@ -303,6 +310,7 @@ def profile_server(config: BenchConfig, server: ServerProcess) -> dict[str, Any]
             level = measure_level(
                 server, n, config.e2e.tokens_for(n), config.e2e.prompt_chars, config.e2e.level_timeout
             )
+        strip_local_paths(raw, {sys.executable: "python", os.path.abspath(config.out): "OUT"})
         summary = summarize_profile(raw)
     except Exception as e:  # the report says what failed; the rest of the run stands
         return {"error": f"{type(e).__name__}: {e}"}

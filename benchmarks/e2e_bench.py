@@ -486,6 +486,20 @@ class Profiler:
             proc.wait(timeout=10.0)
 
 
+def strip_local_paths(path: str, names: dict[str, str]) -> None:
+    """Rewrite a raw profile in place with each of ``names``' local paths replaced by its name.
+
+    py-spy names each process by its command line, which holds the interpreter's and the run
+    folder's absolute paths; a profile kept with the results names neither.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    for local, name in sorted(names.items(), key=lambda item: -len(item[0])):  # longest first
+        text = text.replace(local, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 # py-spy --subprocesses starts each stack with one frame per process from the root down.
 _PROCESS_FRAME = re.compile(r'process (\d+):"([^"]*)";')
 

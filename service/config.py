@@ -334,7 +334,7 @@ _HELP = {
     "row_steps_per_call": "rows x steps one call aims for: a batch of fewer than this / --steps-per-call rows takes "
     "more steps, up to --max-steps-per-call, so a call's fixed cost is shared by as many tokens (0 = off)",
     "call_budget_ms": "longest a multi-step call may take: K is cut to this over the batch's measured step time, "
-    "so large batches stream token by token (0 = always --steps-per-call)",
+    "so large batches stream token by token (0 = no limit)",
     "intra_op_threads": "TensorFlow threads per op on the CPU (0 = the usable CPUs minus the frontends' cores, "
     "at least one)",
     "frontends": "frontend processes owning the gRPC and HTTP connections beside one engine process (-1 = one per "

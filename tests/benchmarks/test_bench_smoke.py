@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench import parse_config
-from benchmarks.e2e_bench import StreamRecord, percentile, summarize, summarize_profile
+from benchmarks.e2e_bench import StreamRecord, percentile, strip_local_paths, summarize, summarize_profile
 from benchmarks.floor_server import message_sizes
 from benchmarks.interference import itl_in_window
 from benchmarks.proc_cpu import ROLES
@@ -84,6 +84,17 @@ def test_profile_summary_ranks_self_and_inclusive_time(tmp_path: Path) -> None:
     ]
     assert summary["self"][0] == ["step (s/engine.py)", 0.75]
     assert summary["processes"] == {"7": "python -m service", "9": child}
+
+
+def test_a_kept_profile_names_no_local_path(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        'process 7:"/opt/venv/bin/python -m service --models /srv/out/models";step (s/engine.py:4) 3\n'
+        'process 7:"/opt/venv/bin/python -m service --models /srv/out/models";main (m.py:1) 1\n'
+    )
+    strip_local_paths(str(raw), {"/opt/venv/bin/python": "python", "/srv/out": "OUT", "/srv": "X"})
+    assert raw.read_text().count('process 7:"python -m service --models OUT/models";') == 2
+    assert summarize_profile(str(raw))["processes"] == {"7": "python -m service --models OUT/models"}
 
 
 @pytest.mark.parametrize(
