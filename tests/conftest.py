@@ -108,7 +108,7 @@ def _shared_servers() -> Iterator[_SharedServers]:
 
 @pytest.fixture(scope="session")
 def serving(tiny_model_repo: Path, _shared_servers: _SharedServers) -> RunningServer:
-    """The session's shared server (max_concurrent 64, batch 32, max_tokens_limit 20000, 4096 prompt bytes)."""
+    """The session's shared server (max_concurrent 64, batch 32, max_tokens_limit 100000, 4096 prompt bytes)."""
     config = make_config(tiny_model_repo)
     running = _shared_servers.get("session", config)
     if running is None:

@@ -71,7 +71,7 @@ def make_config(models: Path | str, **overrides: Any) -> ServerConfig:
         max_concurrent=64,
         max_queue=64,
         max_batch_size=32,
-        max_tokens_limit=20000,
+        max_tokens_limit=100_000,
         default_max_tokens=16,
         max_prompt_bytes=4096,
         max_stop_sequences=8,

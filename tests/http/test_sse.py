@@ -62,7 +62,7 @@ def test_an_error_in_the_middle_of_a_stream_is_an_error_event_then_done(
     start_server: Callable[..., RunningServer],
 ) -> None:
     running = start_server(http_port=0, request_timeout=0.5)
-    body = {"prompt": "The ", "max_tokens": 20000, "stream": True}
+    body = {"prompt": "The ", "max_tokens": 100_000, "stream": True}
     response = _post(running.server.http_port, json.dumps(body).encode())
     assert response.status == 200
     events = _events(response.read())
@@ -103,7 +103,7 @@ def test_at_capacity_the_answer_is_429_with_retry_after(start_server: Callable[.
     running = start_server(http_port=0, max_concurrent=1, max_queue=0)
     port = running.server.http_port
     with socket.create_connection(("127.0.0.1", port), timeout=60) as busy:
-        _send(busy, {"prompt": "The ", "max_tokens": 20000, "stream": True})
+        _send(busy, {"prompt": "The ", "max_tokens": 100_000, "stream": True})
         _read_first_event(busy)
         response = _post(port, json.dumps({"prompt": "x"}).encode())
         assert response.status == 429 and response.getheader("Retry-After") == "1"
@@ -150,7 +150,7 @@ def test_clients_that_disconnect_free_their_rows(
     socks = [socket.create_connection(("127.0.0.1", running.server.http_port), timeout=60) for _ in range(16)]
     try:
         for sock in socks:
-            _send(sock, {"prompt": "The ", "max_tokens": 20000, "stream": streamed})
+            _send(sock, {"prompt": "The ", "max_tokens": 100_000, "stream": streamed})
         if streamed:
             for sock in socks:
                 _read_first_event(sock)  # each is mid-way through its stream

@@ -24,7 +24,7 @@ from tests.helpers import RunningServer, wait_until
 # A small HTTP/2 receive window: a client that does not read blocks the server's writes at once.
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 TIMEOUT = 0.5
-LONG = 20000  # make_config's --max-tokens-limit; the tiny model needs far more than a few seconds for it
+LONG = 100_000  # make_config's --max-tokens-limit; the tiny model needs several seconds for it
 
 
 def test_a_stalled_stream_is_ended_and_frees_its_row_while_the_client_reads_nothing(

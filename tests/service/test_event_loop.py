@@ -87,13 +87,13 @@ def _traffic(running: RunningServer) -> None:
         for params, code in (
             ({"model": "nosuch"}, grpc.StatusCode.NOT_FOUND),
             ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
-            ({"max_tokens": 5000, "timeout": 0.2}, grpc.StatusCode.DEADLINE_EXCEEDED),
+            ({"max_tokens": 100_000, "timeout": 0.2}, grpc.StatusCode.DEADLINE_EXCEEDED),
         ):
             with pytest.raises(grpc.RpcError) as info:
                 client.complete("The ", **params)
             assert info.value.code() == code
     with running.channel() as channel:
-        cancelled = textgen_pb2_grpc.TextGenerationStub(channel).Generate(build_request("The ", max_tokens=5000))
+        cancelled = textgen_pb2_grpc.TextGenerationStub(channel).Generate(build_request("The ", max_tokens=100_000))
         next(cancelled)
         cancelled.cancel()  # the row leaves the batch
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -26,7 +26,9 @@ from tests.helpers import RunningServer, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-LONG = 40_000  # tokens: long enough that the stream outlives loading version 2
+# tokens: long enough that the stream outlives loading version 2 (a single row's calls make 32 steps:
+# 5000 calls, 5000 messages)
+LONG = 160_000
 
 
 def _copy_version(src: Path, models: Path, name: str, version: int) -> None:

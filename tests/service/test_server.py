@@ -26,7 +26,7 @@ from service.server import SERVICE_NAME, grpc_options
 from tests.helpers import RunningServer, wait_until
 from training.tokenizer import Tokenizer
 
-LONG = 20000  # max_tokens that outlast any test (the shared server's limit)
+LONG = 100_000  # max_tokens that outlast any test (the shared server's limit)
 
 
 def _tokens(response: textgen_pb2.GenerateResponse) -> int:

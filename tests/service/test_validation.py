@@ -110,7 +110,7 @@ BAD_REQUESTS = {
     "temperature inf": dict(temperature=math.inf),
     "top_p negative": dict(top_p=-0.1),
     "top_p above one": dict(top_p=1.01),
-    "max_tokens over limit": dict(max_tokens=20001),
+    "max_tokens over limit": dict(max_tokens=100_001),
     "stop hundreds of sequences": dict(stop=[f"stop{i}" for i in range(300)]),
     "stop too long": dict(stop=["x" * 33]),
 }
@@ -179,7 +179,7 @@ def test_list_models_reports_the_tiny_model_and_limits(serving: RunningServer, c
     assert listing.models[0].vocab_size > 10
     assert listing.models[0].units == 32 and listing.models[0].layers == 1
     assert listing.models[0].metadata["fixture"] == "tiny"
-    assert (listing.max_tokens_limit, listing.max_prompt_bytes) == (20000, 4096)
+    assert (listing.max_tokens_limit, listing.max_prompt_bytes) == (100_000, 4096)
 
 
 @pytest.mark.parametrize(
