@@ -329,7 +329,7 @@ class Server:
             return
         self._stopping = True
         grace = self.config.grace_seconds if grace is None else grace
-        log.info("shutting down: running streams get %.1f s to finish", grace)
+        log.info("shutting down: %d running streams get %.1f s to finish", self.engine.active, grace)
         await self.health.enter_graceful_shutdown()
         self.servicer.begin_shutdown()
         if self.http is not None:
