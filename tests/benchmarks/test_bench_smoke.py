@@ -104,6 +104,8 @@ def test_a_kept_profile_names_no_local_path(tmp_path: Path) -> None:
         (["--layers", "-1"], "--layers must be at least 1, got -1"),
         (["--repeats", "0"], "--repeats must be at least 1, got 0"),
         (["--streams", "64,0"], "expected positive integers, got '64,0'"),
+        (["--steps-per-call", "0"], "--steps-per-call must be at least 1, got 0"),
+        (["--row-steps-per-call", "-1"], "--row-steps-per-call must be at least 0, got -1"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_and_value(
@@ -123,6 +125,27 @@ def test_default_config_is_the_issue_run(tmp_path: Path) -> None:
     assert config.e2e.streams == (1, 16, 64, 256, 1000)
     assert (config.interference.streams, config.interference.arrival_prompt_chars) == (32, 512)
     assert config.interference.interval == pytest.approx(0.1)
+
+
+def test_every_server_of_a_run_gets_the_same_k_flags_and_a_ceiling_never_below_k(tmp_path: Path) -> None:
+    from service.config import ServerConfig
+    from service.config import parse_config as parse_server_config
+
+    flags = parse_config(
+        ["--out", str(tmp_path), "--steps-per-call", "64", "--row-steps-per-call", "0"]
+    ).e2e.server_flags()
+    server = parse_server_config(["--models", str(tmp_path), *flags], {})  # a server would start with them
+    assert (server.steps_per_call, server.max_steps_per_call, server.row_steps_per_call) == (64, 64, 0)
+    defaults = parse_server_config(
+        ["--models", str(tmp_path), *parse_config(["--out", str(tmp_path)]).e2e.server_flags()], {}
+    )
+    own = ServerConfig()  # the bench runs the server's defaults unless told otherwise
+    assert (defaults.steps_per_call, defaults.max_steps_per_call, defaults.row_steps_per_call) == (
+        own.steps_per_call,
+        own.max_steps_per_call,
+        own.row_steps_per_call,
+    )
+    assert defaults.call_budget_ms == own.call_budget_ms
 
 
 def _results(
