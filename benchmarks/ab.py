@@ -63,11 +63,17 @@ def _tree(text: str) -> tuple[str, str]:
     return name, path
 
 
-def interference_ratio(result: dict[str, Any]) -> float | None:
-    """Running streams' ITL p99 while long prompts arrive / their p50 without: the bench's interference target."""
+def interference_terms(result: dict[str, Any]) -> tuple[float, float] | None:
+    """(running streams' ITL p99 while long prompts arrive, their p50 without), in ms, when both were measured."""
     p99 = result.get("with_arrivals", {}).get("itl_ms_p99")
     p50 = result.get("without_arrivals", {}).get("itl_ms_p50")
-    return p99 / p50 if p99 and p50 else None
+    return (p99, p50) if p99 and p50 else None
+
+
+def interference_ratio(result: dict[str, Any]) -> float | None:
+    """p99 with arrivals / p50 without (``interference_terms``): the bench's interference target."""
+    terms = interference_terms(result)
+    return terms[0] / terms[1] if terms else None
 
 
 def summary(runs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float | None]]:
@@ -118,12 +124,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if roles:
                     line += " (" + ", ".join(f"{role} {value:.1f}" for role, value in roles) + ")"
                 if not args.no_interference:
-                    result = measure_interference(servers[name].target, bench.name, interference)
-                    ratio = interference_ratio(result)
-                    if ratio is not None:
+                    terms = interference_terms(measure_interference(servers[name].target, bench.name, interference))
+                    if terms is not None:
                         # The ratio's two terms too: a ratio that grows because p50 fell is not a loss.
-                        p99 = result["with_arrivals"]["itl_ms_p99"]
-                        p50 = result["without_arrivals"]["itl_ms_p50"]
+                        p99, p50 = terms
+                        ratio = p99 / p50
                         runs[name]["interference_ratio"].append(ratio)
                         runs[name].setdefault("itl_ms_p99_with_arrivals", []).append(p99)
                         runs[name].setdefault("itl_ms_p50_without", []).append(p50)

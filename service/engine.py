@@ -302,11 +302,8 @@ class Engine:
     def _budget(self, model: LoadedModel) -> CallBudget:
         """A new batch's call budget: K never exceeds the steps its version's XLA decode was compiled for."""
         c = self.config
-        most = (
-            c.max_steps_per_call
-            if model.decoder.xla is None
-            else min(c.max_steps_per_call, model.decoder.xla.max_steps)
-        )
+        xla = model.decoder.xla
+        most = c.max_steps_per_call if xla is None else min(c.max_steps_per_call, xla.max_steps)
         return CallBudget(min(c.steps_per_call, most), c.call_budget, most, c.row_steps_per_call)
 
     def _step(self, batch: Batch, new_rows: list[Row]) -> None:
