@@ -7,8 +7,9 @@ round in a fresh random order, ``--streams`` streams of ``--tokens`` tokens agai
 (unless ``--no-interference``) the interference scenario. It prints and writes the medians per
 tree. Interleaving puts every tree through the same slow and fast moments of a shared machine,
 which separate runs of ``textgen bench`` do not: the figure to read is the medians' ratio.
-``--server-arg`` adds a flag to every server (e.g. ``--server-arg=--frontends=0``); a tree given
-twice with different names and flags compares settings of one tree.
+``--server-arg`` adds a flag to every server (e.g. ``--server-arg=--frontends=0``), ``--tree-arg``
+to one tree's (``--tree-arg=wide=--max-steps-per-call=64``): one tree given twice under two names,
+each with its own flags, compares settings of one tree.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def _tree(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _tree_arg(text: str) -> tuple[str, str]:
+    name, sep, flag = text.partition("=")
+    if not sep or not name or not flag.startswith("-"):
+        raise argparse.ArgumentTypeError(f"--tree-arg takes NAME=FLAG with FLAG starting with '-', got {text!r}")
+    return name, flag
+
+
 def interference_terms(result: dict[str, Any]) -> tuple[float, float] | None:
     """(running streams' ITL p99 while long prompts arrive, their p50 without), in ms, when both were measured."""
     p99 = result.get("with_arrivals", {}).get("itl_ms_p99")
@@ -90,13 +98,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="textgen-ab-")
     spec = ModelSpec(units=16, embedding_dim=16, corpus_chars=20_000) if args.quick else ModelSpec(units=args.units)
     bench = export_bench_model(os.path.join(work, "models"), spec)
-    server_spec = ServerSpec(
-        models_dir=bench.models_dir,
-        model=bench.name,
-        max_batch_size=1024,
-        extra_args=tuple(args.server_arg),
-    )
-    servers = {name: TreeServer(server_spec, os.path.join(work, f"{name}.log"), path) for name, path in args.tree}
+    servers = {}
+    for name, path in args.tree:
+        flags = [*args.server_arg, *(flag for tree, flag in args.tree_arg if tree == name)]
+        spec_of_tree = ServerSpec(
+            models_dir=bench.models_dir, model=bench.name, max_batch_size=1024, extra_args=tuple(flags)
+        )
+        servers[name] = TreeServer(spec_of_tree, os.path.join(work, f"{name}.log"), path)
     interference = QUICK_INTERFERENCE if args.quick else InterferenceConfig()
     runs: dict[str, dict[str, list[float]]] = {
         name: {"tokens_per_s": [], "cpu_us_per_token": [], "interference_ratio": []} for name in servers
@@ -146,6 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": args.tokens,
         "rounds": args.rounds,
         "server_args": list(args.server_arg),
+        "flags": {name: list(server.spec.extra_args) for name, server in servers.items()},
         "runs": runs,
         "medians": summary(runs),
     }
@@ -159,12 +168,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--units", type=int, default=512)
     parser.add_argument("--server-arg", action="append", default=[], help="a flag for every server")
+    parser.add_argument(
+        "--tree-arg", type=_tree_arg, action="append", default=[], help="NAME=FLAG: a flag for that tree's server"
+    )
     parser.add_argument("--no-interference", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a 16-unit model and tiny scenarios: checks the harness")
     parser.add_argument("--out-json")
     args = parser.parse_args(argv)
     if len({name for name, _ in args.tree}) != len(args.tree) or len(args.tree) < 2:
         parser.error("--tree needs two or more distinct names")
+    unknown = sorted({name for name, _ in args.tree_arg} - {name for name, _ in args.tree})
+    if unknown:
+        parser.error(f"--tree-arg names no --tree: {', '.join(unknown)}")
     result = run(args)
     for name, medians in result["medians"].items():
         shown = ", ".join(f"{k} {v:,.2f}" for k, v in medians.items() if v is not None)
