@@ -125,7 +125,9 @@ class CallBudget:
 class Batch:
     """The running rows of one (model, version) and their state, row-aligned."""
 
-    ARRAYS = ("tokens", "temperature", "top_k", "top_p", "seed", "position", "deadline", "prompt_left", "source")
+    ARRAYS = (
+        "tokens", "temperature", "top_k", "top_p", "seed", "position", "max_tokens", "deadline", "prompt_left", "source"
+    )  # fmt: skip
 
     def __init__(self, model: LoadedModel, budget: CallBudget) -> None:
         self.model = model
@@ -142,12 +144,12 @@ class Batch:
         self.top_p = np.zeros(0, np.float32)
         self.seed = np.zeros(0, np.int64)
         self.position = np.zeros(0, np.int64)  # tokens generated so far
+        self.max_tokens = np.zeros(0, np.int64)
         self.deadline = np.zeros(0, np.float64)
         self.prompt_left = np.zeros(0, np.int64)  # prompt tokens still to feed after `tokens`
         # Tensors reused from step to step while the rows do not change (a numpy -> tensor
         # conversion costs about as much as a small model's step).
         self.params_t: tuple[tf.Tensor, ...] | None = None  # (temperature, top_k, top_p, seed)
-        self.floats_t: Any = None  # (temperature, top_p) per row, as decode_steps_packed takes them
         self.tokens_t: Any = None  # the previous step's sampled ids, when every row is generating
         self.want_logprobs = False
 
@@ -193,8 +195,7 @@ class Batch:
         """``decode_steps_packed``' inputs for a ``k``-step call, padded to ``padded_rows()`` rows (padding
         rows are greedy and ignored), and the call's unpadded ``forced`` and ``left`` (``forced_prompts``).
 
-        Two arrays become tensors a call: the packed per-row ints, and (once per change of rows)
-        the temperatures and top-ps.
+        One array becomes a tensor a call: every row's inputs, packed (``pack_rows``).
         """
         xla = self.model.decoder.xla
         rows = self.padded_rows()
@@ -207,12 +208,11 @@ class Batch:
             source,
             padded(self.position, rows),
             padded(self.seed, rows),
+            padded(self.temperature, rows),
+            padded(self.top_p, rows, fill=1.0),
             padded(forced, rows),
         )
-        if self.floats_t is None or self.floats_t.shape[0] != rows:
-            floats = np.stack([padded(self.temperature, rows), padded(self.top_p, rows, fill=1.0)], axis=1)
-            self.floats_t = tf.constant(floats)
-        return [state, tf.constant(packed), self.floats_t, steps_tensor(k)], forced, left
+        return [state, tf.constant(packed), steps_tensor(k)], forced, left
 
     def _steps_state(self, rows: int) -> tuple[tf.Tensor, np.ndarray]:
         """``(state, source)`` for a ``decode_steps`` call of ``rows`` rows, ``source`` padded with -1.
@@ -245,6 +245,7 @@ class Batch:
             "top_p": np.array([q.params.top_p for q in requests], np.float32),
             "seed": np.array([as_int64(q.seed) for q in requests], np.int64),
             "position": np.zeros(len(rows), np.int64),
+            "max_tokens": np.array([q.params.max_tokens for q in requests], np.int64),
             "deadline": np.array([np.inf if q.deadline is None else q.deadline for q in requests], np.float64),
             "prompt_left": left,
             "source": np.full(len(rows), -1, np.int32),
@@ -270,7 +271,7 @@ class Batch:
     def _rows_changed(self) -> None:
         """After a join or a compaction: the cached tensors and what is derived from the rows are stale."""
         self._selected = False
-        self.params_t = self.floats_t = self.tokens_t = None
+        self.params_t = self.tokens_t = None
         self.want_logprobs = any(r.request.params.include_tokens for r in self.rows)
 
     def reading(self) -> bool:
@@ -350,6 +351,16 @@ class Batch:
                 self.tokens[i] = forced[i, k - 1]
         self.prompt_left -= left
         self.tokens_t = None  # self.tokens holds each row's next token
+
+    def within_max_tokens(self, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(take, ending)`` for rows that generated ``count[i]`` tokens in a call: what each keeps, which end.
+
+        A row keeps at most ``max_tokens`` minus the tokens it had (``position``) and ends when it
+        reaches ``max_tokens``: what ``StoppingCriteria.feed`` gives without stop sequences, for the
+        whole batch in array arithmetic.
+        """
+        take = np.minimum(count, np.maximum(self.max_tokens - self.position, 1))
+        return take, np.flatnonzero((take > 0) & (self.position + take >= self.max_tokens))
 
     def record_steps(self, ids: np.ndarray, first: np.ndarray, take: np.ndarray) -> None:
         """After a K-step call: each row that took ``take[i] > 0`` tokens from step ``first[i]`` on feeds its last next.

@@ -45,8 +45,8 @@ PREFILL_FROM = "prefill_from"
 SELECT = "select_state"
 WARMUP_STEPS = 2  # decode_steps warms up with K > 1 and some rows reading a prompt
 # decode_steps' packed int32 rows: tokens, top_k, left, source, position, seed (high, low 32 bits),
-# then ``forced`` (``pack_rows``).
-PACKED_COLUMNS = 7
+# temperature and top_p (their float32 bits), then ``forced`` (``pack_rows``).
+PACKED_COLUMNS = 9
 
 _configured = threading.Lock()
 _devices_done: list[str] = []
@@ -113,19 +113,19 @@ def _build(checked: CheckedVersion, shapes: XlaShapes | None) -> dict[str, Concr
         input_signature=[
             tf.TensorSpec([None, checked.state_size], tf.float32, name="state"),
             tf.TensorSpec([None, None if width is None else PACKED_COLUMNS + width], tf.int32, name="rows"),
-            tf.TensorSpec([None, 2], tf.float32, name="floats"),
             tf.TensorSpec([], tf.int32, name="steps"),
         ],
         jit_compile=shapes is not None,
     )
-    def _decode_steps(state, rows, floats, steps):  # type: ignore[no-untyped-def]
-        # The per-row inputs arrive packed (``pack_rows``): two tensors a call instead of ten.
+    def _decode_steps(state, rows, steps):  # type: ignore[no-untyped-def]
+        # The per-row inputs arrive packed (``pack_rows``): one tensor a call instead of ten.
         tokens, top_k, left, source = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
         position = tf.cast(rows[:, 4], tf.int64)
         seed_hi = tf.bitwise.left_shift(tf.cast(rows[:, 5], tf.int64), 32)
         seed = tf.bitwise.bitwise_or(seed_hi, tf.bitwise.bitwise_and(tf.cast(rows[:, 6], tf.int64), 0xFFFFFFFF))
+        temperature = tf.bitcast(rows[:, 7], tf.float32)
+        top_p = tf.bitcast(rows[:, 8], tf.float32)
         forced = rows[:, PACKED_COLUMNS:]
-        temperature, top_p = floats[:, 0], floats[:, 1]
         # Row i continues row source[i] of the given state (-1: a zero state, a row that just
         # joined): joins and compactions cost the engine no TensorFlow op of their own.
         state = select_state(state, source)
@@ -195,12 +195,15 @@ def pack_rows(
     source: np.ndarray,
     position: np.ndarray,
     seed: np.ndarray,
+    temperature: np.ndarray,
+    top_p: np.ndarray,
     forced: np.ndarray,
 ) -> np.ndarray:
-    """``decode_steps``' per-row int inputs as one int32 ``(B, PACKED_COLUMNS + K)`` array.
+    """``decode_steps``' per-row inputs as one int32 ``(B, PACKED_COLUMNS + K)`` array.
 
     ``position`` must fit in int32 (it counts a row's tokens, at most ``--max-tokens-limit``); the
-    int64 ``seed`` travels as its two 32-bit halves and the graph joins them again.
+    int64 ``seed`` travels as its two 32-bit halves and the graph joins them again; the float32
+    ``temperature`` and ``top_p`` travel as their bits (``tf.bitcast`` reads them back exactly).
     """
     seed = np.asarray(seed, np.int64)
     packed = np.empty((len(tokens), PACKED_COLUMNS + forced.shape[1]), np.int32)
@@ -211,6 +214,8 @@ def pack_rows(
     packed[:, 4] = position
     packed[:, 5] = seed >> 32
     packed[:, 6] = (seed & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+    packed[:, 7] = np.asarray(temperature, np.float32).view(np.int32)
+    packed[:, 8] = np.asarray(top_p, np.float32).view(np.int32)
     packed[:, PACKED_COLUMNS:] = forced
     return packed
 
@@ -326,16 +331,15 @@ class Decoder:
         step n on, with sampler position ``position + i - n``. Step i's ids are what K calls of
         ``decode`` would give.
         """
-        rows = pack_rows(*(t.numpy() for t in (tokens, top_k, left, source, position, seed, forced)))
-        return self.decode_steps_packed(state, tf.constant(rows), tf.stack([temperature, top_p], axis=1), steps)
+        inputs = (tokens, top_k, left, source, position, seed, temperature, top_p, forced)
+        return self.decode_steps_packed(state, tf.constant(pack_rows(*(t.numpy() for t in inputs))), steps)
 
-    def decode_steps_packed(self, state: tf.Tensor, rows: tf.Tensor, floats: tf.Tensor, steps: tf.Tensor) -> Decoded:
-        """``decode_steps`` with its per-row inputs packed: what the engine calls, two conversions a call.
+    def decode_steps_packed(self, state: tf.Tensor, rows: tf.Tensor, steps: tf.Tensor) -> Decoded:
+        """``decode_steps`` with its per-row inputs packed: what the engine calls, one conversion a call.
 
-        ``rows`` int32[B, PACKED_COLUMNS + K] is ``pack_rows``' array, ``floats`` float32[B, 2] holds
-        each row's temperature and top_p.
+        ``rows`` int32[B, PACKED_COLUMNS + K] is ``pack_rows``' array.
         """
-        return self._decode_steps(state, rows, floats, steps)
+        return self._decode_steps(state, rows, steps)
 
     def select_state(self, state: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
         """``state`` float32[R,S], ``source`` int32[B] -> float32[B,S]: row ``source[i]``, or zeros for -1."""

@@ -474,33 +474,22 @@ class Engine:
         """In the engine process: the call's tokens to the outbox in one hand-off; returns what each row took.
 
         ``ids`` and ``logprobs`` are ``(steps, rows)``; row ``i`` generated steps ``first[i]`` to
-        ``first[i] + count[i] - 1``. The frontends detokenize, match stops and time tokens, so a
-        row here only counts its tokens up to ``max_tokens`` (``StoppingCriteria.feed``), per row,
-        not per token; the tokens go in step order, each row's in its order.
+        ``first[i] + count[i] - 1``. The frontends detokenize, match stops and time tokens, so here
+        a row only counts its tokens up to ``max_tokens`` (``Batch.within_max_tokens``); the tokens
+        go in step order, each row's in its order.
         """
         assert self.outbox is not None
-        now = time.monotonic()
         rows = batch.rows
-        take = np.zeros(len(rows), np.int64)
-        finished = []
-        for i in np.flatnonzero(count).tolist():
-            row = rows[i]
-            if row.done:
-                continue
-            _, taken, finish = row.criteria.feed(("",) * int(count[i]))
-            take[i] = taken
-            row.last_token_time = now
-            if finish is not None:
-                finished.append((row, finish))
+        take, ending = batch.within_max_tokens(np.where([row.done for row in rows], 0, count))
         steps, which = np.nonzero(
             (np.arange(ids.shape[0])[:, None] >= first) & (np.arange(ids.shape[0])[:, None] < first + take)
         )
         if len(which):
             self.outbox.push([row.request.stream for row in rows], which, ids[steps, which], logprobs[steps, which])
             self.tokens += len(which)
-        for row, finish in finished:
-            row.request.stream.end(finish)
-            self._row_finished(row)
+        for i in ending.tolist():
+            rows[i].request.stream.end(FinishReason.LENGTH)
+            self._row_finished(rows[i])
         return take
 
     # ------------------------------------------------------------ finishing

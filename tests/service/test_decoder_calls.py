@@ -33,12 +33,8 @@ def test_flat_calls_equal_the_concrete_functions(tiny_model_repo) -> None:
     )
     temperature, top_k, top_p, seed, position = params
     k_steps, forced, left, source = steps
-    packed = (
-        state,
-        tf.constant(pack_rows(*(t.numpy() for t in (tokens, top_k, left, source, position, seed, forced)))),
-        tf.stack([temperature, top_p], axis=1),
-        k_steps,
-    )
+    per_row = (tokens, top_k, left, source, position, seed, temperature, top_p, forced)
+    packed = (state, tf.constant(pack_rows(*(t.numpy() for t in per_row))), k_steps)
     calls = [
         (DECODE, decoder.decode, (tokens, state, *params)),
         (DECODE_STEPS, decoder.decode_steps_packed, packed),

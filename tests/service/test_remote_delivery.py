@@ -8,6 +8,7 @@ import numpy as np
 
 from service.batch import Batch, CallBudget
 from service.engine_host import WINDOW, FrontendBuffer, RemoteOutbox, RemoteStream
+from service.sampling import StoppingCriteria
 
 
 def _batch(rows: int) -> Batch:
@@ -30,6 +31,27 @@ def test_record_steps_equals_recording_each_step() -> None:
     at_once.record_steps(ids, first, take)
     assert at_once.tokens.tolist() == one_by_one.tokens.tolist()
     assert at_once.position.tolist() == one_by_one.position.tolist()
+
+
+def test_within_max_tokens_keeps_what_the_stopping_criteria_keep() -> None:
+    rng = np.random.default_rng(7)
+    rows = 200
+    batch = _batch(rows)
+    batch.max_tokens = rng.integers(1, 40, rows)
+    batch.position = rng.integers(0, batch.max_tokens)  # every row below its max_tokens
+    count = rng.integers(0, 12, rows)  # 0: the row read its prompt the whole call
+    take, ending = batch.within_max_tokens(count)
+    expected_take, expected_ending = [], []
+    for i in range(rows):
+        criteria = StoppingCriteria(int(batch.max_tokens[i]))
+        criteria.tokens = int(batch.position[i])
+        _, taken, finish = criteria.feed([""] * int(count[i])) if count[i] else ("", 0, None)
+        expected_take.append(taken)
+        if finish is not None:
+            expected_ending.append(i)
+    assert take.tolist() == expected_take
+    assert ending.tolist() == expected_ending
+    assert 0 < len(expected_ending) < rows  # the table has rows that end and rows that go on
 
 
 def test_push_sends_each_frontend_its_rows_tokens_in_order() -> None:

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from service.config import ConfigError, ServerConfig, XlaShapes, padded_batch_sizes
-from service.decoder import DECODE_STEPS, Decoder
+from service.decoder import DECODE_STEPS, Decoder, pack_rows
 from service.engine import Engine
 from service.model_repository import LoadedModel, ModelRepository
 from service.sampling import SamplingParams
@@ -172,14 +172,19 @@ def test_a_step_xla_cannot_compile_decodes_op_by_op_with_a_warning(tmp_path, cap
 
 
 def test_packed_rows_carry_every_int64_seed_and_draw_what_decode_draws(tiny_model_repo) -> None:
-    """decode_steps takes its per-row ints packed in int32 (the seed as two halves): K = 1 draws what decode draws."""
+    """decode_steps takes its per-row inputs packed in int32 (the seed as two halves, temperature and top_p
+    as their bits): K = 1 draws what decode draws."""
     decoder = Decoder(check_version(_version(tiny_model_repo)))
     seed = np.array([0, 1, -1, 2**31, 2**32 + 5, -(2**63), 2**63 - 1, -(2**31) - 7], np.int64)
     b = len(seed)
     tokens = np.arange(3, 3 + b, dtype=np.int32)
-    temperature = np.full(b, 1.0, np.float32)
+    temperature = np.array([1.0, 0.0, 0.7, 2.0, 1e-3, 1.3, 0.5, 1.0], np.float32)
     top_k = np.zeros(b, np.int32)
-    top_p = np.ones(b, np.float32)
+    top_p = np.array([1.0, 1.0, 0.9, 0.5, 1.0, 0.95, 1.0, 0.3], np.float32)
+    zeros = np.zeros(b, np.int32)
+    packed = pack_rows(tokens, top_k, zeros, zeros, zeros, seed, temperature, top_p, np.zeros((b, 1), np.int32))
+    np.testing.assert_array_equal(packed[:, 7].view(np.float32), temperature)  # bit for bit
+    np.testing.assert_array_equal(packed[:, 8].view(np.float32), top_p)
     position = np.arange(b, dtype=np.int64) * 1000
     state = tf.random.stateless_normal([b, decoder.state_size], seed=[3, 4])
     sampler = [tf.constant(a) for a in (temperature, top_k, top_p, seed, position)]
