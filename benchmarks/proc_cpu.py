@@ -14,6 +14,8 @@ engine (the one process whose ``/proc/<pid>/maps`` lists libtensorflow, found on
 resource tracker excepted) and other (the rest: the root when it is a supervisor, the tracker,
 a stderr filter). In a one-process server the root is the engine and does the frontends' work
 too. A child reaped during a measurement moves its time into its parent's role.
+
+``tree_thread_ticks`` reads the same tree thread by thread, with each thread's name.
 """
 
 from __future__ import annotations
@@ -136,6 +138,41 @@ def tree_cpu_seconds_by_role(root: int, engine: int | None) -> dict[str, float] 
     for s in tree:
         ticks[process_role(s.pid, s.ppid, read_cmdline(s.pid), root, engine)] += s.ticks
     return {role: t / os.sysconf("SC_CLK_TCK") for role, t in ticks.items()}
+
+
+def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """Each live thread of ``pid``: ``tid -> (name, utime + stime ticks)``; the main thread is named ``main``."""
+    threads: dict[int, tuple[str, int]] = {}
+    try:
+        tids = os.listdir(f"{PROC}/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return threads
+    for tid in map(int, tids):
+        try:
+            with open(f"{PROC}/{pid}/task/{tid}/comm", "rb") as f:
+                name = f.read().decode("utf-8", "replace").strip()
+            with open(f"{PROC}/{pid}/task/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        threads[tid] = ("main" if tid == pid else name, int(fields[11]) + int(fields[12]))
+    return threads
+
+
+def tree_thread_ticks(root: int, engine: int | None) -> dict[tuple[str, int, int], tuple[str, int]]:
+    """Every live thread of ``root``'s tree: ``(role, pid, tid) -> (thread name, CPU ticks)``.
+
+    The name is what the OS shows (``/proc/<pid>/task/<tid>/comm``): the server names its own
+    threads (``service/threads.py``), TensorFlow, ZeroMQ and gRPC name some of theirs, and the
+    rest show the process's name. A thread's ticks are its own only (no reaped children), and a
+    thread that ends takes its ticks out of every later reading.
+    """
+    out: dict[tuple[str, int, int], tuple[str, int]] = {}
+    for s in _tree(root, _all_stats()):
+        role = process_role(s.pid, s.ppid, read_cmdline(s.pid), root, engine)
+        for tid, (name, ticks) in _thread_ticks(s.pid).items():
+            out[(role, s.pid, tid)] = (name, ticks)
+    return out
 
 
 def rss_kb(pid: int) -> int | None:

@@ -42,6 +42,7 @@ from service.metrics import ServingMetrics, observe_weighted
 from service.model_repository import LoadedModel
 from service.sampling import SamplingParams
 from service.stream import EngineStream, FinishReason, LoopWaker, Outbox, Stream, WakerThread
+from service.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Engine:
         if self._thread is not None:
             return
         self._waker_thread = WakerThread()
-        self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
+        self._thread = NamedThread(target=self._run, name="textgen-engine", daemon=True)
         self._thread.start()
 
     def submit(

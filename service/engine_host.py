@@ -34,6 +34,7 @@ from service.metrics import ServingMetrics
 from service.model_repository import ModelRepository
 from service.sampling import SamplingParams
 from service.stream import EngineStream, FinishReason
+from service.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class EngineHost:
     def run(self) -> None:
         """Serve until ``stop``: load the models in a thread; the engine thread does the rest."""
         self.engine.start()
-        self._loader = threading.Thread(target=self._load, name="textgen-model-load", daemon=True)
+        self._loader = NamedThread(target=self._load, name="textgen-load", daemon=True)
         self._loader.start()
         try:
             self._stop.wait()

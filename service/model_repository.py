@@ -28,6 +28,7 @@ from service import catalog
 from service.config import XlaShapes
 from service.decoder import Decoder, configure_devices
 from service.metrics import ServingMetrics
+from service.threads import NamedThread
 from training.check import check_version, failure_reason
 from training.contract import is_visible_model_name, list_versions
 from training.tokenizer import Tokenizer
@@ -381,7 +382,7 @@ class ModelRepository:
         """Poll every ``poll_seconds`` in a daemon thread (no-op when ``poll_seconds`` <= 0)."""
         if self.poll_seconds <= 0 or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._poll_loop, name="textgen-model-poll", daemon=True)
+        self._thread = NamedThread(target=self._poll_loop, name="textgen-poll", daemon=True)
         self._thread.start()
 
     def _poll_loop(self) -> None:

@@ -44,6 +44,7 @@ from service.http_frontend import HttpFrontend, http_ssl_context
 from service.metrics import ServingMetrics
 from service.servicer import UNRESOLVED_MODEL, TextGenerationServicer, add_to_server
 from service.supervisor import Supervisor, frontend_count
+from service.threads import NamedThread
 from service.tls import TLSConfigError, server_credentials
 from training.tf_runtime import import_tensorflow_quietly
 
@@ -274,7 +275,7 @@ class Server:
                 with contextlib.suppress(RuntimeError):  # the loop closed: the server has stopped
                     loop.call_soon_threadsafe(_resolve, loaded)
 
-        self._loader = threading.Thread(target=load, name="textgen-model-load", daemon=True)
+        self._loader = NamedThread(target=load, name="textgen-load", daemon=True)
         self._loader.start()
         await loaded
         await self._update_readiness()

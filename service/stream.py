@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from service.threads import NamedThread
+
 
 class FinishReason(str, enum.Enum):
     """Why a stream ended. ``LENGTH`` and ``STOP`` are normal ends; the others end the request with a status.
@@ -284,7 +286,7 @@ class WakerThread:
         self._cond = threading.Condition()
         self._items: list[tuple[asyncio.AbstractEventLoop, LoopWaker]] = []
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="textgen-engine-wake", daemon=True)
+        self._thread = NamedThread(target=self._run, name="textgen-wake", daemon=True)
         self._thread.start()
 
     def post(self, items: list[tuple[asyncio.AbstractEventLoop, LoopWaker]]) -> None:
