@@ -7,12 +7,13 @@ thread's CPU time from ``/proc`` (``proc_cpu.tree_thread_ticks``), runs ``--leve
 microseconds per completion token and its share of the tree's CPU over the same span. Threads
 of one name in one role are summed (gRPC's ``event_engine`` threads, say).
 
-The server names its own threads (``textgen-engine`` makes the engine's calls, ``service/threads.py``);
-TensorFlow's and XLA's threads that run the model show as ``tf_*`` or under the process's name,
-``main`` is a process's main thread (a frontend's event loop). So the engine process's figure
-splits into the engine thread's Python and model dispatch, and the model's own arithmetic,
-which a GPU would take off the CPU. A thread that ended during the run is missing from the rows
-but not from the tree's total.
+The server names its own threads (``textgen-engine`` makes the engine's calls, ``service/threads.py``)
+and ``main`` is a process's main thread (a frontend's event loop). Threads the server did not
+name show as ``tf_*``, ``ZMQbg/*``, ``event_engine`` or under the process's name (``python``):
+in the engine process the latter are TensorFlow's and XLA's, which run the model; in a frontend,
+gRPC's poller. So the engine process's figure splits into the engine thread's Python and model
+dispatch, and the model's own arithmetic, which a GPU would take off the CPU. A thread that
+ended during the run is missing from the rows but not from the tree's total.
 """
 
 from __future__ import annotations
