@@ -46,7 +46,10 @@ from benchmarks.floor_server import FloorProcess, FloorSpec
 from benchmarks.interference import InterferenceConfig, measure_interference
 from benchmarks.untrusted_prompts import QUICK as QUICK_UNTRUSTED
 from benchmarks.untrusted_prompts import UntrustedConfig, measure_untrusted
+from service.config import ServerConfig
 from training.tf_runtime import add_log_level_flag, quiet_start
+
+SERVER_DEFAULTS = ServerConfig()  # the server's own defaults, which the bench's servers run with
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,10 @@ class E2EConfig:
     server_max_batch_size: int = 1024
     server_max_concurrent: int = 1024
     # Both servers' K flags and --call-budget-ms (the server's defaults).
-    server_steps_per_call: int = 8
-    server_max_steps_per_call: int = 32
-    server_row_steps_per_call: int = 256
-    server_call_budget_ms: float = 25.0
+    server_steps_per_call: int = SERVER_DEFAULTS.steps_per_call
+    server_max_steps_per_call: int = SERVER_DEFAULTS.max_steps_per_call
+    server_row_steps_per_call: int = SERVER_DEFAULTS.row_steps_per_call
+    server_call_budget_ms: float = SERVER_DEFAULTS.call_budget_ms
     # --max-batch-size 1: far slower, so less work per level and one repeat.
     baseline_streams: tuple[int, ...] = (1, 16, 64, 256, 1000)
     baseline_total_tokens: int = 4096
@@ -429,11 +432,18 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     parser.add_argument("--no-burst", action="store_true", help="skip the burst of streams opened at once")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare gRPC server's levels")
     parser.add_argument("--profile", action="store_true", help="py-spy the batched server in one extra run")
-    parser.add_argument("--steps-per-call", type=int, help="the servers' --steps-per-call (default 8, as the server)")
+    d = SERVER_DEFAULTS
     parser.add_argument(
-        "--row-steps-per-call", type=int, help="the servers' --row-steps-per-call (default 256; 0: K stays fixed)"
+        "--steps-per-call", type=int, help=f"the servers' --steps-per-call (default {d.steps_per_call}, as the server)"
     )
-    parser.add_argument("--call-budget-ms", type=float, help="the servers' --call-budget-ms (default 25)")
+    parser.add_argument(
+        "--row-steps-per-call",
+        type=int,
+        help=f"the servers' --row-steps-per-call (default {d.row_steps_per_call}; 0: K stays fixed)",
+    )
+    parser.add_argument(
+        "--call-budget-ms", type=float, help=f"the servers' --call-budget-ms (default {d.call_budget_ms:g})"
+    )
     add_log_level_flag(parser)
     args = parser.parse_args(list(argv))
     model, engine, e2e, inter = ModelSpec(), EngineBenchConfig(), E2EConfig(), InterferenceConfig()
